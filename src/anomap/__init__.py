@@ -1,0 +1,17 @@
+"""anomap: unsupervised visual anomaly detection. Train on good parts, score and localise defects.
+
+>>> import anomap
+>>> det = anomap.create("ssl_ae")
+>>> det.fit("data/bottle")
+>>> res = det.predict("photo.png")
+"""
+
+__version__ = "0.1.0"
+
+from anomap import methods as _methods  # noqa: F401  (methods register themselves)
+from anomap.detector import Detector, create, load
+from anomap.metrics.evaluate import evaluate
+from anomap.registry import list_methods
+from anomap.types import AnomalyResult, EvalResult
+
+__all__ = ["AnomalyResult", "Detector", "EvalResult", "__version__", "create", "evaluate", "list_methods", "load"]

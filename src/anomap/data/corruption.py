@@ -1,0 +1,489 @@
+"""The one synthetic-anomaly generator shared by all methods (numpy, scipy.ndimage and Pillow only).
+
+``corrupt`` pastes 1..n random shapes (rectangle, rotated ellipse, star-shaped polygon, noise blob) into
+an image, each filled with material from another image, a moved copy of the same image, noise, a
+constant colour, a blur, a colour jitter or a procedural texture, blended with a random opacity and a
+feathered edge. It returns the corrupted image and a mask of the pixels that were changed.
+
+Mask convention: a pixel is in the mask when the feathered shape covers it at least half
+(feathered shape >= 0.5, before the opacity is applied). Pixels just outside the mask may change a
+little (within ``ceil(3 * soft_edge)`` px of it); pixels further away never change. Inside the mask a
+fill always differs from the original (opacity x mean absolute difference of at least ``MIN_FILL_DIFF``
+grey levels), but individual pixels may happen to keep their value. With ``ensure_visible`` a fill whose
+mean colour and contrast match the original (e.g. texture pasted on the same texture) also gets a
+brightness/contrast change, so that every shape is visible.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+from scipy import ndimage
+
+from anomap.errors import ConfigError, ImageError
+
+SHAPE_KINDS = ("rectangle", "ellipse", "polygon", "blob")
+FILL_KINDS = ("other", "self", "noise", "const", "blur", "color", "texture")
+MIN_FILL_DIFF = 10.0  # minimal opacity * mean |fill - original| (grey levels) over a shape; else redrawn
+
+Box = tuple[int, int, int, int]  # top, bottom, left, right (bottom/right exclusive)
+
+
+@dataclass
+class CorruptionConfig:
+    """How synthetic anomalies are drawn.
+
+    Attributes:
+        n_shapes: inclusive range of the number of shapes per image.
+        shape_area: range of the area of one shape as a fraction of the image area.
+        shapes: relative probabilities of "rectangle", "ellipse", "polygon", "blob".
+        fills: relative probabilities of the fill kinds in ``FILL_KINDS``.
+        alpha: range of the opacity of a fill.
+        soft_edge: Gaussian feather sigma (px) of the blending alpha; 0 gives hard edges.
+        min_size_px: minimum extent (height and width) of a shape.
+        area_limitation: centre shapes inside the foreground box (ISSTAD), see ``foreground_box``.
+        remove_dark: before an image-derived fill, replace pixels darker than the mean grey level by the
+            mean colour of the brighter ones (ISSTAD).
+        self_mode: "any" (a shifted, rotated or flipped patch of the image) or "flip" (the flipped
+            image at the same place, ISSTAD).
+        noise_mix: range of the share of uniform noise in a "noise" fill (1 = pure noise, ISSTAD 0.5).
+        ensure_visible: give a fill whose mean colour and contrast are too close to the original's a
+            random brightness/contrast change (see the module docstring).
+    """
+
+    n_shapes: tuple[int, int] = (1, 4)
+    shape_area: tuple[float, float] = (0.01, 0.15)
+    shapes: dict[str, float] = field(
+        default_factory=lambda: {"ellipse": 1.0, "polygon": 1.0, "blob": 1.0, "rectangle": 0.0}
+    )
+    fills: dict[str, float] = field(
+        default_factory=lambda: {"other": 0.4, "self": 0.2, "noise": 0.2, "const": 0.2}
+    )
+    alpha: tuple[float, float] = (0.5, 1.0)
+    soft_edge: float = 1.0
+    min_size_px: int = 3
+    area_limitation: bool = False
+    remove_dark: bool = False
+    self_mode: str = "any"
+    noise_mix: tuple[float, float] = (1.0, 1.0)
+    ensure_visible: bool = True
+
+    def __post_init__(self) -> None:
+        self.n_shapes = (int(self.n_shapes[0]), int(self.n_shapes[1]))
+        self.shape_area = (float(self.shape_area[0]), float(self.shape_area[1]))
+        self.alpha = (float(self.alpha[0]), float(self.alpha[1]))
+        self.noise_mix = (float(self.noise_mix[0]), float(self.noise_mix[1]))
+        self.shapes = {str(k): float(v) for k, v in dict(self.shapes).items()}
+        self.fills = {str(k): float(v) for k, v in dict(self.fills).items()}
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError for values that cannot work."""
+        if not 0 <= self.n_shapes[0] <= self.n_shapes[1]:
+            raise ConfigError(
+                f"n_shapes={self.n_shapes} is not a range.", fix="use (lo, hi) with 0 <= lo <= hi"
+            )
+        lo, hi = self.shape_area
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError(f"shape_area={self.shape_area} is not a range in (0, 1].")
+        for name, weights, known in (("shapes", self.shapes, SHAPE_KINDS), ("fills", self.fills, FILL_KINDS)):
+            unknown = sorted(set(weights) - set(known))
+            if unknown:
+                raise ConfigError(f"{name} has unknown kinds {unknown}.", fix=f"use kinds from {list(known)}")
+            if any(v < 0 for v in weights.values()) or sum(weights.values()) <= 0:
+                raise ConfigError(f"{name}={weights} needs non-negative weights with a positive sum.")
+        if not 0.0 <= self.alpha[0] <= self.alpha[1] <= 1.0:
+            raise ConfigError(f"alpha={self.alpha} is not a range in [0, 1].")
+        if not 0.0 <= self.noise_mix[0] <= self.noise_mix[1] <= 1.0:
+            raise ConfigError(f"noise_mix={self.noise_mix} is not a range in [0, 1].")
+        if self.soft_edge < 0 or self.min_size_px < 1:
+            raise ConfigError("soft_edge must be >= 0 and min_size_px >= 1.")
+        if self.self_mode not in ("any", "flip"):
+            raise ConfigError(f"self_mode={self.self_mode!r} is not known.", fix="use any or flip")
+
+
+PRESETS: dict[str, CorruptionConfig] = {
+    "ssl_ae": CorruptionConfig(),
+    "isstad": CorruptionConfig(
+        n_shapes=(1, 3),
+        shape_area=(0.005, 0.2),
+        shapes={"rectangle": 1.0, "ellipse": 1.0, "polygon": 1.0, "blob": 0.0},
+        fills={"color": 1.0, "self": 1.0, "noise": 1.0},
+        alpha=(1.0, 1.0),
+        area_limitation=True,
+        ensure_visible=False,
+        self_mode="flip",
+        noise_mix=(0.5, 0.5),
+    ),
+    "validation": CorruptionConfig(
+        n_shapes=(1, 3),
+        shape_area=(0.005, 0.15),
+        shapes={k: 1.0 for k in SHAPE_KINDS},
+        fills={k: 1.0 for k in FILL_KINDS},
+        alpha=(0.5, 1.0),
+    ),
+}
+
+
+def get_preset(name: str) -> CorruptionConfig:
+    """A copy of ``PRESETS[name]`` that may be changed freely."""
+    if name not in PRESETS:
+        raise ConfigError(f"corruption preset {name!r} is not known.", fix=f"use one of {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def _pick(rng: np.random.Generator, weights: dict[str, float]) -> str:
+    keys = [k for k, v in weights.items() if v > 0]
+    p = np.array([weights[k] for k in keys], dtype=np.float64)
+    return keys[int(rng.choice(len(keys), p=p / p.sum()))]
+
+
+def _otsu(values: np.ndarray) -> float:
+    hist = np.bincount(np.clip(values, 0, 255).astype(np.int64).ravel(), minlength=256).astype(np.float64)
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * np.arange(256))
+    mt = m0[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mt * w0 / w0[-1] - m0) ** 2 / (w0 * w1)
+    between[~np.isfinite(between)] = -1.0
+    return float(np.argmax(between))
+
+
+def foreground_box(image: np.ndarray) -> Box:
+    """Bounding box of the largest Otsu foreground blob, widened 10% left/right and 20% top/bottom.
+
+    The Otsu class that covers most of the image border is taken as background. Computed on a
+    subsampled grey image (about 64 px). Returns the whole image when nothing is found.
+
+    Args:
+        image: uint8 (H, W, C).
+
+    Returns:
+        (top, bottom, left, right), bottom/right exclusive.
+    """
+    h, w = image.shape[:2]
+    whole = (0, h, 0, w)
+    s = max(1, min(h, w) // 64)
+    grey = image[::s, ::s].mean(axis=2)
+    if grey.max() - grey.min() < 1:
+        return whole
+    fg = grey > _otsu(grey)
+    border = np.concatenate([fg[0], fg[-1], fg[:, 0], fg[:, -1]])
+    if border.mean() > 0.5:
+        fg = ~fg
+    labels, n = ndimage.label(fg)
+    if n == 0:
+        return whole
+    k = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+    sl = ndimage.find_objects(labels)[k - 1]
+    t, b, left, r = sl[0].start * s, min(h, sl[0].stop * s), sl[1].start * s, min(w, sl[1].stop * s)
+    dh, dw = round(0.2 * (b - t)), round(0.1 * (r - left))
+    return max(0, t - dh), min(h, b + dh), max(0, left - dw), min(w, r + dw)
+
+
+def _aspect(rng: np.random.Generator) -> float:
+    return float(math.exp(rng.uniform(math.log(1 / 3), math.log(3))))
+
+
+def _shape(kind: str, area: float, rng: np.random.Generator, min_px: int, hmax: int, wmax: int) -> np.ndarray:
+    """Boolean mask (h, w) of one shape of about ``area`` pixels, centred in its own canvas."""
+    a = _aspect(rng)
+    if kind == "rectangle":
+        h = int(np.clip(round(math.sqrt(area / a)), min_px, hmax))
+        w = int(np.clip(round(area / max(h, 1)), min_px, wmax))
+        return np.ones((h, w), dtype=bool)
+    if kind == "ellipse":
+        ra = max(min_px / 2, math.sqrt(area * a / math.pi))
+        rb = max(min_px / 2, area / (math.pi * ra))
+        th = rng.uniform(0, math.pi)
+        c, s = math.cos(th), math.sin(th)
+        ey, ex = math.hypot(ra * s, rb * c), math.hypot(ra * c, rb * s)
+        yy = np.arange(-math.ceil(ey), math.ceil(ey) + 1, dtype=np.float32)[:, None]
+        xx = np.arange(-math.ceil(ex), math.ceil(ex) + 1, dtype=np.float32)[None, :]
+        u, v = xx * c + yy * s, -xx * s + yy * c
+        return (u / ra) ** 2 + (v / rb) ** 2 <= 1.0
+    if kind == "polygon":
+        n = int(rng.integers(3, 9))
+        gaps = rng.uniform(0.7, 1.3, n)
+        ang = rng.uniform(0, 2 * math.pi) + 2 * math.pi * np.cumsum(gaps) / gaps.sum()
+        rad = rng.uniform(0.45, 1.0, n)
+        px, py = rad * np.cos(ang) * math.sqrt(a), rad * np.sin(ang) / math.sqrt(a)
+        unit_area = 0.5 * abs(float(np.dot(px, np.roll(py, -1)) - np.dot(py, np.roll(px, -1))))
+        scale = math.sqrt(area / max(unit_area, 1e-6))
+        px, py = px * scale, py * scale
+        ext_y = max(float(np.abs(py).max()), min_px / 2)
+        ext_x = max(float(np.abs(px).max()), min_px / 2)
+        hh, ww = math.ceil(2 * ext_y) + 1, math.ceil(2 * ext_x) + 1
+        canvas = Image.new("L", (ww, hh), 0)
+        pts = [(float(x + ww / 2 - 0.5), float(y + hh / 2 - 0.5)) for x, y in zip(px, py)]
+        ImageDraw.Draw(canvas).polygon(pts, fill=1)
+        return np.asarray(canvas, dtype=bool)
+    # blob: smooth noise (bicubic upsampling of a coarse grid) with a radial envelope, thresholded
+    frac = 0.5
+    h = int(np.clip(round(math.sqrt(area / frac / a)), min_px, hmax))
+    w = int(np.clip(round(area / frac / max(h, 1)), min_px, wmax))
+    coarse = rng.standard_normal((5, 5)).astype(np.float32)
+    noise = np.asarray(Image.fromarray(coarse, mode="F").resize((w, h), Image.Resampling.BICUBIC))
+    yy = np.linspace(-1, 1, h, dtype=np.float32)[:, None]
+    xx = np.linspace(-1, 1, w, dtype=np.float32)[None, :]
+    field_ = noise - 2.5 * (yy**2 + xx**2)
+    thr = np.partition(field_.ravel(), int((1 - frac) * (field_.size - 1)))[
+        int((1 - frac) * (field_.size - 1))
+    ]
+    return field_ >= thr
+
+
+class _Ctx:
+    """Per-image state shared by the fill functions."""
+
+    def __init__(self, image: np.ndarray, cfg: CorruptionConfig, pool: np.ndarray | None):
+        self.u8 = image
+        self.img = image.astype(np.float32)
+        self.cfg = cfg
+        self.pool = pool
+        self.h, self.w, self.c = image.shape
+        self._dark: tuple[float, np.ndarray] | None = None
+
+    def src(self, t: int, b: int, left: int, r: int) -> np.ndarray:
+        """Region of the image that image-derived fills start from (dark pixels removed when configured)."""
+        region = self.img[t:b, left:r]
+        if not self.cfg.remove_dark:
+            return region
+        if self._dark is None:
+            grey = self.img[::2, ::2].mean(axis=2)
+            bright = grey >= grey.mean()
+            colour = self.img[::2, ::2][bright].mean(axis=0) if bright.any() else self.img.mean(axis=(0, 1))
+            self._dark = (float(grey.mean()), colour.astype(np.float32))
+        level, colour = self._dark
+        return np.where(region.mean(axis=2, keepdims=True) < level, colour, region).astype(np.float32)
+
+
+def _fill(kind: str, ctx: _Ctx, box: Box, rng: np.random.Generator) -> np.ndarray:
+    """Fill material (h, w, C) float32 for the box ``(t, b, l, r)``."""
+    t, b, left, r = box
+    h, w, c = b - t, r - left, ctx.c
+    if kind == "other":
+        pool = ctx.pool
+        assert pool is not None
+        n = len(pool)
+        j = int(rng.integers(n))
+        if n > 1 and np.array_equal(pool[j], ctx.u8):
+            j = (j + int(rng.integers(1, n))) % n
+        oy, ox = int(rng.integers(0, ctx.h - h + 1)), int(rng.integers(0, ctx.w - w + 1))
+        patch = pool[j, oy : oy + h, ox : ox + w].astype(np.float32)
+        return patch[:, ::-1] if rng.random() < 0.5 else patch
+    if kind == "self":
+        if ctx.cfg.self_mode == "flip":
+            op = int(rng.integers(3))
+            if op == 0:
+                return ctx.src(t, b, ctx.w - r, ctx.w - left)[:, ::-1]
+            if op == 1:
+                return ctx.src(ctx.h - b, ctx.h - t, left, r)[::-1]
+            return ctx.src(ctx.h - b, ctx.h - t, ctx.w - r, ctx.w - left)[::-1, ::-1]
+        oy, ox = int(rng.integers(0, ctx.h - h + 1)), int(rng.integers(0, ctx.w - w + 1))
+        patch = ctx.src(oy, oy + h, ox, ox + w)
+        op = int(rng.integers(4 if h == w else 3))
+        if op == 0:
+            return patch[:, ::-1]
+        if op == 1:
+            return patch[::-1]
+        if op == 2:
+            return patch[::-1, ::-1]
+        return np.rot90(patch, int(rng.integers(1, 4)))
+    if kind == "noise":
+        m = rng.uniform(*ctx.cfg.noise_mix)
+        noise = rng.uniform(0, 255, (h, w, c)).astype(np.float32)
+        return noise if m >= 1.0 else m * noise + (1 - m) * ctx.src(t, b, left, r)
+    if kind == "const":
+        colour = rng.uniform(0, 255, c).astype(np.float32)
+        mean = ctx.img[t:b, left:r].reshape(-1, c).mean(axis=0)
+        if np.abs(colour - mean).mean() < 40:
+            colour = (colour + 128.0) % 256.0
+        return np.broadcast_to(colour, (h, w, c))
+    if kind == "blur":
+        sigma = max(2.0, 0.02 * min(ctx.h, ctx.w)) * rng.uniform(1.0, 2.0)
+        p = math.ceil(3 * sigma)
+        t2, b2, l2, r2 = max(0, t - p), min(ctx.h, b + p), max(0, left - p), min(ctx.w, r + p)
+        region = np.clip(ctx.src(t2, b2, l2, r2), 0, 255).astype(np.uint8)
+        pil = Image.fromarray(region[..., 0] if c == 1 else region)
+        blurred = np.asarray(pil.filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float32).reshape(
+            region.shape
+        )
+        return blurred[t - t2 : b - t2, left - l2 : r - l2]
+    if kind == "color":
+        patch = ctx.src(t, b, left, r)
+        mean = patch.reshape(-1, c).mean(axis=0)
+        if c == 3 and rng.random() < 0.25:
+            grey = patch.mean(axis=2, keepdims=True)
+            out = np.repeat(grey, 3, axis=2) * rng.uniform(0.6, 1.4)
+        else:
+            con = rng.uniform(1.4, 2.0) if rng.random() < 0.5 else rng.uniform(0.3, 0.7)
+            gain = rng.uniform(0.6, 1.4, c) if c == 3 else np.ones(1)
+            out = ((patch - mean) * con + mean) * gain.astype(np.float32)
+        bright = rng.uniform(25, 70) * (1 if rng.random() < 0.5 else -1)
+        if mean.mean() + bright > 245 or mean.mean() + bright < 10:
+            bright = -bright
+        return np.clip(out + bright, 0, 255)
+    # texture: stripes, checker or smoothed noise between two contrasting colours
+    yy = np.arange(h, dtype=np.float32)[:, None]
+    xx = np.arange(w, dtype=np.float32)[None, :]
+    th = rng.uniform(0, math.pi)
+    period = rng.uniform(4, 16)
+    style = int(rng.integers(3))
+    if style == 0:
+        v = 0.5 + 0.5 * np.sin(2 * math.pi * (xx * math.cos(th) + yy * math.sin(th)) / period)
+    elif style == 1:
+        u, q = xx * math.cos(th) + yy * math.sin(th), -xx * math.sin(th) + yy * math.cos(th)
+        v = ((np.floor(u / period) + np.floor(q / period)) % 2).astype(np.float32)
+    else:
+        v = np.zeros((h, w), np.float32)
+        for octave, amp in ((4, 1.0), (12, 0.5)):
+            g = rng.standard_normal((octave, octave)).astype(np.float32)
+            v += amp * np.asarray(Image.fromarray(g, mode="F").resize((w, h), Image.Resampling.BICUBIC))
+        v = np.clip(0.5 + 0.35 * v, 0, 1)
+    c1 = rng.uniform(0, 255, c).astype(np.float32)
+    c2 = np.where(c1 > 127, c1 - rng.uniform(80, 127, c), c1 + rng.uniform(80, 127, c)).astype(np.float32)
+    return c1 + (c2 - c1) * np.broadcast_to(v, (h, w))[..., None]
+
+
+def _distinct(fill: np.ndarray, orig: np.ndarray) -> bool:
+    """Whether (n, C) fill pixels differ visibly from the original ones in mean colour or contrast."""
+    dm = float(np.abs(fill.mean(axis=0) - orig.mean(axis=0)).mean())
+    ds = abs(float(fill.mean(axis=1).std()) - float(orig.mean(axis=1).std()))
+    return dm >= 12.0 or ds >= 0.35 * float(orig.mean(axis=1).std()) + 4.0
+
+
+def _jitter(fill: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random brightness shift (away from clipping) and contrast change of a fill."""
+    mean = fill.reshape(-1, fill.shape[-1]).mean(axis=0)
+    shift = rng.uniform(20, 50) * (1 if mean.mean() < 128 else -1)
+    con = rng.uniform(0.5, 1.5)
+    return np.clip((fill - mean) * con + mean + shift, 0, 255)
+
+
+def _check_image(image: np.ndarray, what: str = "image") -> None:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ImageError(
+            f"{what} must be uint8 (H, W, C) with C in {{1, 3}}, got {image.dtype} {image.shape}.",
+            fix="convert with np.asarray(pil_image.convert('RGB'))",
+        )
+
+
+def corrupt(
+    image: np.ndarray, rng: np.random.Generator, cfg: CorruptionConfig, pool: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Paste random shapes of synthetic anomaly into an image.
+
+    Args:
+        image: uint8 (H, W, C), C in {1, 3}.
+        rng: source of randomness; the result is a function of its state.
+        cfg: what to draw.
+        pool: uint8 (N, H, W, C) material for "other" fills (the image itself may be in it: it is never
+            picked when another one exists). None, or only the image itself: "other" acts as "self".
+
+    Returns:
+        (corrupted uint8 (H, W, C), mask float32 (H, W) in {0, 1}); see the module docstring.
+    """
+    _check_image(image)
+    if pool is not None:
+        if pool.ndim != 4 or pool.shape[1:] != image.shape or pool.dtype != np.uint8 or len(pool) == 0:
+            raise ImageError(f"pool must be uint8 (N, {', '.join(map(str, image.shape))}), got {pool.shape}.")
+        if len(pool) == 1 and np.array_equal(pool[0], image):
+            pool = None
+    ctx = _Ctx(image, cfg, pool)
+    h, w, _c = image.shape
+    out = ctx.img.copy()
+    mask = np.zeros((h, w), dtype=bool)
+    rt, rb, rl, rr = foreground_box(image) if cfg.area_limitation else (0, h, 0, w)
+    sigma = cfg.soft_edge
+    pad = math.ceil(3 * sigma) if sigma > 0 else 0
+    for _ in range(int(rng.integers(cfg.n_shapes[0], cfg.n_shapes[1] + 1))):
+        area = rng.uniform(*cfg.shape_area) * h * w
+        local = _shape(_pick(rng, cfg.shapes), area, rng, cfg.min_size_px, h, w)
+        cy, cx = int(rng.integers(rt, rb)), int(rng.integers(rl, rr))
+        soft = local.astype(np.float32)
+        if pad:
+            soft = ndimage.gaussian_filter(np.pad(soft, pad), sigma, truncate=3.0)
+        sh, sw = soft.shape
+        t0, l0 = cy - sh // 2, cx - sw // 2
+        t, b, left, r = max(0, t0), min(h, t0 + sh), max(0, l0), min(w, l0 + sw)
+        if b <= t or r <= left:
+            continue
+        soft = soft[t - t0 : b - t0, left - l0 : r - l0]
+        inside = soft >= 0.5
+        if not inside.any():
+            continue
+        box = (t, b, left, r)
+        kind = _pick(rng, cfg.fills)
+        if kind == "other" and pool is None:
+            kind = "self"
+        orig = ctx.img[t:b, left:r]
+        opacity = rng.uniform(*cfg.alpha)
+        for attempt in range(4):
+            fill = _fill(kind if attempt < 3 else "const", ctx, box, rng)
+            if cfg.ensure_visible and not _distinct(fill[inside], orig[inside]):
+                fill = _jitter(fill, rng)
+            if opacity * np.abs(fill - orig)[inside].mean() >= MIN_FILL_DIFF:
+                break
+        a = (soft * opacity)[..., None]
+        out[t:b, left:r] += a * (fill - out[t:b, left:r])
+        mask[t:b, left:r] |= inside
+    result = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return result, mask.astype(np.float32)
+
+
+def corrupt_batch(
+    images: np.ndarray, rng: np.random.Generator, cfg: CorruptionConfig, pool: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``corrupt`` for every image of a uint8 (B, H, W, C) batch.
+
+    When ``pool`` is None and the batch has more than one image, the batch itself is the pool.
+
+    Returns:
+        (corrupted uint8 (B, H, W, C), masks float32 (B, H, W)).
+    """
+    if images.ndim != 4:
+        raise ImageError(f"images must be uint8 (B, H, W, C), got shape {images.shape}.")
+    if pool is None and len(images) > 1:
+        pool = images
+    out = np.empty_like(images)
+    masks = np.empty(images.shape[:3], dtype=np.float32)
+    for i in range(len(images)):
+        out[i], masks[i] = corrupt(images[i], rng, cfg, pool)
+    return out, masks
+
+
+def make_grid(images: list[np.ndarray], ncol: int, pad: int = 2) -> np.ndarray:
+    """Tile images row by row into one RGB uint8 image.
+
+    Args:
+        images: (H, W), (H, W, 1) or (H, W, 3) arrays, uint8, or float in [0, 1] (e.g. masks); sizes
+            may differ (each is placed top-left in a cell of the largest size).
+        ncol: images per row.
+        pad: white gap between cells, px.
+
+    Returns:
+        uint8 (rows * (H + pad) + pad, ncol * (W + pad) + pad, 3).
+    """
+    if not images or ncol < 1:
+        raise ValueError("make_grid needs at least one image and ncol >= 1")
+    tiles = []
+    for im in images:
+        a = np.asarray(im)
+        if a.dtype != np.uint8:
+            a = np.clip(np.rint(a.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+        if a.ndim == 2:
+            a = a[..., None]
+        tiles.append(np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a[..., :3])
+    th, tw = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
+    nrow = (len(tiles) + ncol - 1) // ncol
+    grid = np.full((nrow * (th + pad) + pad, ncol * (tw + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, t in enumerate(tiles):
+        y, x = pad + (i // ncol) * (th + pad), pad + (i % ncol) * (tw + pad)
+        grid[y : y + t.shape[0], x : x + t.shape[1]] = t
+    return grid

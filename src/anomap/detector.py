@@ -1,0 +1,269 @@
+"""Detector: a Method plus its preprocessing, calibration and persistence. What ``anomap.create`` returns."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from anomap import __version__
+from anomap.config import build_config, config_to_dict
+from anomap.data.dataset import check_min_size, detect_channels, split_train, train_images
+from anomap.data.images import load_image
+from anomap.data.transforms import load_stack, resize_maps, resize_u8, to_channels
+from anomap.errors import CheckpointError, ConfigError, ImageError, NotFittedError
+from anomap.methods.base import Method
+from anomap.metrics.threshold import threshold_at_fpr
+from anomap.registry import get_method_class
+from anomap.train.checkpoint import load_checkpoint, save_checkpoint
+from anomap.train.loop import TrainResult, resolve_device, set_threads, train
+from anomap.types import AnomalyResult, Calibration
+
+PREDICT_BATCH = 16
+
+
+class Detector:
+    """One trained (or to-be-trained) anomaly detector for one category of images.
+
+    Args:
+        method: a name from ``anomap.list_methods()``.
+        config: config values (``image_size``, ``max_steps``, ``seed``, ``device``, method keys ...).
+    """
+
+    def __init__(self, method: str, config: dict[str, Any] | None = None):
+        cls = get_method_class(method)
+        self.method_name = method
+        self.config = build_config(cls.Config, config or {})
+        self.model: Method | None = None
+        self.channels: int | None = None
+        self.calibration = Calibration(target_fpr=self.config.target_fpr)
+        self.info: dict[str, Any] = {}
+        self.device = torch.device("cpu")
+
+    # ------------------------------------------------------------------------------------ training
+    def fit(self, path: str | Path, *, out: str | Path | None = None, resume: bool = False,
+            progress: bool = True) -> Detector:
+        """Train on the normal images of ``path`` (MVTec category or a plain folder), then calibrate.
+
+        Args:
+            path: category folder with ``train/good``, or a folder of normal images.
+            out: where to save the trained detector; a resumable ``<out>.partial`` checkpoint is kept
+                next to it while training and removed at the end.
+            resume: continue from ``<out>.partial`` if it exists.
+            progress: show progress bars.
+        """
+        cfg = self.config
+        t0 = time.perf_counter()
+        set_threads(cfg.num_threads)
+        self.device = resolve_device(cfg.device)
+        paths = train_images(path)
+        split = split_train(paths, cfg.val_fraction, cfg.min_heldout, cfg.seed)
+        check_min_size(paths, max(16, cfg.image_size // 4))
+        self.channels = detect_channels(paths)
+        size = cfg.image_size
+        fit_imgs = load_stack(split.fit, size, self.channels, progress=progress, desc="loading fit images")
+        held_imgs = load_stack(split.heldout, size, self.channels, progress=False)
+
+        torch.manual_seed(cfg.seed)
+        cls = get_method_class(self.method_name)
+        self.model = cls(cfg, self.channels).to(self.device)
+        self.model.prepare_fit(fit_imgs)
+
+        eval_fn = self._val_loss_fn(held_imgs, fit_imgs) if cfg.select_on == "val_loss" else None
+        ckpt = None if out is None else Path(str(out) + ".partial")
+        result: TrainResult = train(
+            self.model, fit_imgs, seed=cfg.seed, device=self.device, ckpt_path=ckpt, resume=resume,
+            checkpoint_every=cfg.checkpoint_every, max_seconds=cfg.max_train_seconds, progress=progress,
+            eval_fn=eval_fn, eval_every=max(1, cfg.checkpoint_every // 2) if eval_fn else 0,
+            extra_meta={"method": self.method_name, "config": config_to_dict(cfg)},
+        )
+        self.calibrate(held_imgs)
+        self.info = {
+            "dataset": str(Path(path).resolve()),
+            "n_fit": len(split.fit),
+            "n_heldout": len(split.heldout),
+            "heldout_files": [p.name for p in split.heldout],
+            "fit_seconds": round(time.perf_counter() - t0, 2),
+            "train_seconds": round(result.seconds, 2),
+            "steps": result.steps,
+            "planned_steps": result.planned,
+            "stopped_by": result.stopped_by,
+            "best_step": result.best_step,
+            "final_loss": result.history[-1]["loss"] if result.history else None,
+            "device": str(self.device),
+        }
+        if out is not None:
+            self.save(out)
+            if ckpt is not None and ckpt.exists():
+                ckpt.unlink()
+        return self
+
+    def _val_loss_fn(self, held: np.ndarray, pool: np.ndarray):
+        """Validation loss on held-out normals with fixed synthetic corruption (never test data)."""
+        assert self.model is not None
+        batch = self.model.make_batch(held, np.random.default_rng(self.config.seed + 1), pool)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        model = self.model
+
+        def fn() -> float:
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                loss = float(model.training_step(batch, 0)["loss"])
+            model.train(was_training)
+            return loss
+
+        return fn
+
+    def calibrate(self, heldout: np.ndarray) -> Calibration:
+        """Threshold and map statistics from held-out normal images, uint8 (N, S, S, C)."""
+        model = self._require_model()
+        model.eval()
+        model.calibrate(Method.to_tensor(heldout, self.device))
+        scores, maps = self.predict_raw(heldout)
+        self.calibration = Calibration(
+            threshold=threshold_at_fpr(scores, self.config.target_fpr),
+            target_fpr=self.config.target_fpr,
+            map_scale=float(np.quantile(maps, 0.999)),
+            map_low=float(np.quantile(maps, 0.5)),
+            n_heldout=len(scores),
+            heldout_scores=[float(s) for s in scores],
+        )
+        return self.calibration
+
+    # ---------------------------------------------------------------------------------- prediction
+    def _require_model(self) -> Method:
+        if self.model is None:
+            raise NotFittedError("this detector has not been trained.", fix="call fit(path) or anomap.load(file)")
+        return self.model
+
+    @torch.no_grad()
+    def predict_raw(self, images: np.ndarray, batch_size: int = PREDICT_BATCH) -> tuple[np.ndarray, np.ndarray]:
+        """Raw scores (N,) and maps (N, S, S) for uint8 images (N, S, S, C) already at the working size."""
+        model = self._require_model()
+        model.eval()
+        scores, maps = [], []
+        for i in range(0, len(images), batch_size):
+            x = Method.to_tensor(images[i:i + batch_size], self.device)
+            s, m = model.predict(x)
+            scores.append(s.float().cpu().numpy())
+            maps.append(m.float().cpu().numpy())
+        if not scores:
+            return np.zeros(0, np.float32), np.zeros((0, self.config.image_size, self.config.image_size), np.float32)
+        return np.concatenate(scores), np.concatenate(maps)
+
+    def prepare(self, image: Any) -> tuple[np.ndarray, tuple[int, int]]:
+        """One image (path, PIL image or array) -> uint8 (S, S, C) at the working size, original (H, W)."""
+        if self.channels is None:
+            self._require_model()
+        img = load_image(image, channels=self.channels)
+        return resize_u8(to_channels(img, self.channels), self.config.image_size), img.shape[:2]
+
+    def predict(self, images: Any) -> AnomalyResult | list[AnomalyResult]:
+        """Score images; maps come back at each input's own resolution.
+
+        Args:
+            images: a path, a PIL image or a (H, W[, C]) array -> one AnomalyResult; a list of those ->
+                a list of AnomalyResult; a uint8 array (B, H, W, C) or a float tensor (B, C, H, W) in
+                [0, 1] -> one batched AnomalyResult with arrays (B,), (B, H, W), (B,).
+        """
+        self._require_model()
+        thr = self.calibration.threshold
+        if isinstance(images, Tensor) or (isinstance(images, np.ndarray) and images.ndim == 4):
+            batch, hw = self._batch_to_u8(images)
+            scores, maps = self.predict_raw(batch)
+            maps = resize_maps(maps, hw)
+            flags = scores > thr if thr is not None else np.zeros(len(scores), bool)
+            return AnomalyResult(scores, maps, flags, thr)
+        if isinstance(images, (list, tuple)):
+            return [self._predict_one(im) for im in images]
+        return self._predict_one(images)
+
+    def _predict_one(self, image: Any) -> AnomalyResult:
+        img, hw = self.prepare(image)
+        scores, maps = self.predict_raw(img[None])
+        thr = self.calibration.threshold
+        score = float(scores[0])
+        return AnomalyResult(score, resize_maps(maps[0], hw), bool(thr is not None and score > thr), thr)
+
+    def _batch_to_u8(self, images: np.ndarray | Tensor) -> tuple[np.ndarray, tuple[int, int]]:
+        if isinstance(images, Tensor):
+            if images.ndim != 4:
+                raise ImageError(f"a tensor batch must be (B, C, H, W); got shape {tuple(images.shape)}.")
+            arr = (images.detach().float().clamp(0, 1) * 255 + 0.5).byte().permute(0, 2, 3, 1).cpu().numpy()
+        else:
+            arr = images
+            if arr.dtype != np.uint8:
+                raise ImageError(f"an array batch must be uint8 (B, H, W, C); got {arr.dtype}.",
+                                 fix="convert with (x * 255).astype(np.uint8) or pass a float tensor")
+        hw = (arr.shape[1], arr.shape[2])
+        out = np.stack([resize_u8(to_channels(a, self.channels), self.config.image_size) for a in arr])
+        return out, hw
+
+    # --------------------------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        """Write one safetensors file: weights + JSON metadata (method, config, calibration, versions)."""
+        model = self._require_model()
+        meta = {
+            "kind": "model",
+            "anomap_version": __version__,
+            "torch_version": torch.__version__,
+            "method": self.method_name,
+            "config": config_to_dict(self.config),
+            "channels": self.channels,
+            "image_size": self.config.image_size,
+            "calibration": self.calibration.to_dict(),
+            "info": self.info,
+        }
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        return save_checkpoint(path, tensors, meta)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None) -> Detector:
+        """Load a file written by ``save``; never unpickles. ``device`` overrides the saved one."""
+        tensors, meta = load_checkpoint(path)
+        if meta.get("kind") != "model":
+            raise CheckpointError(
+                "this is a training checkpoint (.partial), not a finished model.", path=path,
+                fix="resume training with `anomap fit ... --resume` or load the final file",
+            )
+        config = dict(meta.get("config", {}))
+        if device is not None:
+            config["device"] = device
+        try:
+            det = cls(meta["method"], config)
+        except (KeyError, ConfigError) as e:
+            raise CheckpointError(f"metadata does not describe a usable model ({e}).", path=path) from None
+        det.channels = int(meta["channels"])
+        det.calibration = Calibration.from_dict(meta.get("calibration", {}))
+        det.info = meta.get("info", {})
+        det.device = resolve_device(det.config.device)
+        model = get_method_class(det.method_name)(det.config, det.channels)
+        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0]
+            raise CheckpointError(f"weights do not fit the {det.method_name} model ({first}).", path=path,
+                                  fix="the file was written by another anomap version or edited") from None
+        det.model = model.to(det.device).eval()
+        return det
+
+    def describe(self) -> str:
+        return json.dumps({"method": self.method_name, "config": config_to_dict(self.config),
+                           "calibration": self.calibration.to_dict(), "info": self.info}, indent=2)
+
+
+def create(method: str, **config: Any) -> Detector:
+    """A new, untrained detector: ``anomap.create("ssl_ae", image_size=128, max_steps=500)``."""
+    return Detector(method, config)
+
+
+def load(path: str | Path, device: str | None = None) -> Detector:
+    """A trained detector from a file written by ``Detector.save`` (no pickle, no code execution)."""
+    return Detector.load(path, device=device)

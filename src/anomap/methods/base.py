@@ -1,0 +1,117 @@
+"""The Method contract every anomaly detection method implements.
+
+A Method is a pure ``torch.nn.Module`` plus the training/scoring logic of one published method.
+Data loading, splits, the training loop, checkpoints and calibration live elsewhere and are shared.
+
+Flow (driven by ``anomap.detector.Detector`` and ``anomap.train.loop``):
+
+1. ``method = MethodClass(config, channels)`` builds the networks.
+2. ``method.prepare_fit(fit_images)`` may compute statistics of the fit images (default: nothing).
+3. For each ``stage`` in ``method.stages(n_fit)``: ``method.set_stage(stage.name)``; the loop draws
+   uint8 image batches, calls ``method.make_batch(images, rng, pool)`` (corruption happens here) and
+   ``method.training_step(batch, step)`` and steps the stage's optimiser.
+4. ``method.calibrate(heldout)`` may store statistics of held-out normal images (default: nothing).
+5. ``method.predict(images)`` returns raw scores (B,) and maps (B, h, w) at the working size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from anomap.config import MethodConfig
+
+
+@dataclass
+class Stage:
+    """One phase of training (ssl_ae has one, ISSTAD two).
+
+    Attributes:
+        name: shown in the progress bar and stored in checkpoints.
+        steps: optimiser steps in this stage.
+        batch_size: images per step.
+        make_optimizer: builds the optimiser for this stage's trainable parameters.
+        lr_factor: multiplier of the base learning rate at a step (0-based) of this stage.
+    """
+
+    name: str
+    steps: int
+    batch_size: int
+    make_optimizer: Callable[[], torch.optim.Optimizer]
+    lr_factor: Callable[[int], float]
+
+
+def cosine_factor(total: int, warmup: int = 0, final: float = 0.0) -> Callable[[int], float]:
+    """Linear warm-up for ``warmup`` steps, then half a cosine from 1 to ``final`` at ``total``."""
+
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        t = min(max(t, 0.0), 1.0)
+        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return f
+
+
+def epochs_to_steps(epochs: int, n_images: int, batch_size: int) -> int:
+    """Steps for ``epochs`` passes over ``n_images`` (at least one step)."""
+    return max(1, math.ceil(epochs * n_images / batch_size))
+
+
+class Method(nn.Module):
+    """Base class; see the module docstring for the flow."""
+
+    name: ClassVar[str] = "base"
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, config: MethodConfig, channels: int):
+        super().__init__()
+        self.config = config
+        self.channels = channels
+        self.stage = ""
+
+    # --- training -------------------------------------------------------------------------------
+    def stages(self, n_fit: int) -> list[Stage]:
+        raise NotImplementedError
+
+    def set_stage(self, name: str) -> None:
+        """Called by the loop before a stage starts (freeze/unfreeze parts here)."""
+        self.stage = name
+
+    def prepare_fit(self, fit_images: np.ndarray) -> None:
+        """Optional statistics of the fit images, uint8 (N, H, W, C) at the working size."""
+
+    def make_batch(self, images: np.ndarray, rng: np.random.Generator, pool: np.ndarray) -> dict[str, Tensor]:
+        """Turn uint8 images (B, H, W, C) into the tensors ``training_step`` needs.
+
+        ``pool`` is all fit images (N, H, W, C), e.g. as fill material for corruption.
+        """
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        """Return at least {"loss": scalar tensor}; other entries are logged."""
+        raise NotImplementedError
+
+    # --- scoring --------------------------------------------------------------------------------
+    def calibrate(self, heldout: Tensor) -> None:
+        """Optional statistics from held-out normal images, float (N, C, H, W) in [0, 1]."""
+
+    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw image scores (B,) and anomaly maps (B, h, w) for float images (B, C, H, W) in [0, 1]."""
+        raise NotImplementedError
+
+    @staticmethod
+    def to_tensor(images: np.ndarray, device: torch.device | str) -> Tensor:
+        """uint8 (B, H, W, C) -> float (B, C, H, W) in [0, 1] on ``device``."""
+        arr = np.ascontiguousarray(images)
+        if not arr.flags.writeable:
+            arr = arr.copy()
+        t = torch.from_numpy(arr).to(device)
+        return t.permute(0, 3, 1, 2).float().div_(255.0)

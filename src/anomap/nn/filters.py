@@ -1,0 +1,44 @@
+"""Small image filters in torch (device-agnostic, batched)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0, device=None, dtype=torch.float32) -> Tensor:
+    """Normalised 1-D Gaussian with radius ``int(truncate*sigma + 0.5)`` (as scipy.ndimage)."""
+    radius = max(1, int(truncate * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(maps: Tensor, sigma: float, truncate: float = 4.0) -> Tensor:
+    """Separable Gaussian blur of (B, H, W) maps with edge-replicating padding; sigma <= 0 = identity."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel1d(sigma, truncate, device=maps.device, dtype=maps.dtype)
+    r = (k.numel() - 1) // 2
+    x = maps.unsqueeze(1)
+    h, w = x.shape[-2:]
+    # replicate padding cannot exceed the size on tiny maps; clamp the radius there
+    if r >= min(h, w):
+        r = min(h, w) - 1
+        k = gaussian_kernel1d(max(r / truncate, 1e-3), truncate, device=maps.device, dtype=maps.dtype)[:2 * r + 1]
+        k = k / k.sum()
+    x = F.pad(x, (r, r, 0, 0), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    x = F.pad(x, (0, 0, r, r), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, -1, 1))
+    return x.squeeze(1)
+
+
+def topk_mean(maps: Tensor, fraction: float) -> Tensor:
+    """Mean of the top ``fraction`` of pixels of each (B, H, W) map."""
+    flat = maps.flatten(1)
+    k = max(1, math.ceil(fraction * flat.shape[1]))
+    return flat.topk(k, dim=1).values.mean(dim=1)

@@ -1,0 +1,258 @@
+"""Checkpoints as safetensors files: tensors plus a JSON metadata header. Loading never unpickles.
+
+A checkpoint is one ``.safetensors`` file. Its header metadata holds two string entries:
+
+* ``"anomap"``: the caller's metadata dict as JSON;
+* ``"format_version"``: the integer :data:`FORMAT_VERSION` as a string.
+
+Writes are atomic: a temp file in the target's directory is written, fsync'ed and renamed over the
+target, so a crash mid-write leaves the previous checkpoint intact.
+
+Optimiser state (``Optimizer.state_dict()``) is turned into tensors plus a JSON-able structure by
+:func:`flatten_optimizer_state` and restored exactly by :func:`unflatten_optimizer_state`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
+from torch import Tensor
+
+from anomap.errors import CheckpointError
+
+FORMAT_VERSION = 1
+
+_META_KEY = "anomap"
+_VERSION_KEY = "format_version"
+_NOT_READABLE = "not a readable anomap checkpoint (truncated or not a safetensors file)"
+_FIX_REWRITE = "delete it and train again, or point to another checkpoint"
+# What safetensors (and the OS) raise for a file that is not a complete safetensors file.
+_READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError, UnicodeDecodeError)
+
+
+def _json_default(obj: Any) -> Any:
+    """Make numpy scalars/arrays and paths JSON-able; anything else is a bug in the caller."""
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"checkpoint metadata value of type {type(obj).__name__} is not JSON-able")
+
+
+def _prepare(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Detach, move to CPU, make contiguous; clone tensors whose storage is already used by another."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"checkpoint entry {name!r} is not a tensor")
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() > 0 and ptr in seen:
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        if t.numel() > 0:
+            seen.add(ptr)
+        out[name] = t
+    return out
+
+
+def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], metadata: dict) -> Path:
+    """Write ``tensors`` and ``metadata`` atomically to ``path`` (parent folders are created).
+
+    Args:
+        path: target file, conventionally ending in ``.safetensors``.
+        tensors: named tensors (any device, any layout); stored contiguous on CPU.
+        metadata: JSON-able dict (numpy scalars and paths are converted).
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {
+        _META_KEY: json.dumps(metadata, default=_json_default),
+        _VERSION_KEY: str(FORMAT_VERSION),
+    }
+    prepared = _prepare(tensors)
+    data = save(prepared, metadata=header)
+    tmp_path: Path | None = None
+    try:
+        with tempfile.NamedTemporaryFile(
+            delete=False, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
+        ) as tmp:
+            tmp_path = Path(tmp.name)
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.chmod(tmp_path, 0o644)  # NamedTemporaryFile creates 0600; a checkpoint is an ordinary file
+        os.replace(tmp_path, path)
+    except BaseException:
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable where the platform allows it (best effort)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _header(path: Path) -> dict[str, str]:
+    """The safetensors header metadata, checked for our keys and version."""
+    if not path.is_file():
+        raise CheckpointError(
+            "checkpoint file not found.", path=path, fix="check the path, or train first to create it"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except _READ_ERRORS:
+        raise CheckpointError(_NOT_READABLE, path=path, fix=_FIX_REWRITE) from None
+    if _META_KEY not in header:
+        raise CheckpointError(
+            "a safetensors file, but not an anomap checkpoint.",
+            path=path,
+            fix="point to a file written by anomap",
+        )
+    try:
+        version = int(header.get(_VERSION_KEY, "0"))
+    except ValueError:
+        raise CheckpointError(_NOT_READABLE, path=path, fix=_FIX_REWRITE) from None
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"written by a newer anomap; upgrade (file format {version}, this anomap reads {FORMAT_VERSION}).",
+            path=path,
+            fix="pip install --upgrade anomap",
+        )
+    return header
+
+
+def _decode(path: Path, header: dict[str, str]) -> dict:
+    try:
+        meta = json.loads(header[_META_KEY])
+    except json.JSONDecodeError:
+        raise CheckpointError(_NOT_READABLE, path=path, fix=_FIX_REWRITE) from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(_NOT_READABLE, path=path, fix=_FIX_REWRITE)
+    return meta
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The metadata dict of a checkpoint, without loading its tensors."""
+    path = Path(path)
+    return _decode(path, _header(path))
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Returns:
+        (tensors on CPU, metadata dict).
+
+    Raises:
+        CheckpointError: the file is missing, truncated, not safetensors, not an anomap checkpoint,
+            or written by a newer format version.
+    """
+    path = Path(path)
+    meta = _decode(path, _header(path))
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except _READ_ERRORS:
+        raise CheckpointError(_NOT_READABLE, path=path, fix=_FIX_REWRITE) from None
+    return tensors, meta
+
+
+# --- optimiser state --------------------------------------------------------------------------------
+
+_OPT_PREFIX = "optim."
+
+
+def _encode(value: Any, key: str, tensors: dict[str, Tensor]) -> Any:
+    """JSON-able form of ``value``; tensors go to ``tensors[key]`` and leave a reference behind."""
+    if isinstance(value, Tensor):
+        tensors[key] = value
+        return {"__tensor__": key}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            return {"__items__": [[k, _encode(v, f"{key}.{k}", tensors)] for k, v in value.items()]}
+        return {k: _encode(v, f"{key}.{k}", tensors) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"optimizer state entry {key!r} of type {type(value).__name__} cannot be stored")
+
+
+def _decode_value(value: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode_value(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {"__tensor__"}:
+            return tensors[value["__tensor__"]]
+        if set(value) == {"__tuple__"}:
+            return tuple(_decode_value(v, tensors) for v in value["__tuple__"])
+        if set(value) == {"__items__"}:
+            return {k: _decode_value(v, tensors) for k, v in value["__items__"]}
+        return {k: _decode_value(v, tensors) for k, v in value.items()}
+    return value
+
+
+def flatten_optimizer_state(state_dict: dict) -> tuple[dict[str, Tensor], dict]:
+    """Split ``Optimizer.state_dict()`` into tensors and a JSON-able structure.
+
+    Tensor keys look like ``"optim.state.3.exp_avg"``; the structure keeps the param groups and the
+    non-tensor state values (python floats/ints, tuples) and references the tensors by key.
+
+    Returns:
+        (tensors, structure); pass both to :func:`unflatten_optimizer_state`.
+    """
+    tensors: dict[str, Tensor] = {}
+    state = [
+        [pid, {name: _encode(v, f"{_OPT_PREFIX}state.{pid}.{name}", tensors) for name, v in entry.items()}]
+        for pid, entry in state_dict.get("state", {}).items()
+    ]
+    groups = [_encode(g, f"{_OPT_PREFIX}group.{i}", tensors) for i, g in enumerate(state_dict["param_groups"])]
+    extra = {k: v for k, v in state_dict.items() if k not in ("state", "param_groups")}
+    structure = {"state": state, "param_groups": groups, "extra": _encode(extra, f"{_OPT_PREFIX}extra", tensors)}
+    return tensors, structure
+
+
+def unflatten_optimizer_state(tensors: dict[str, Tensor], meta: dict) -> dict:
+    """Rebuild the ``Optimizer.state_dict()`` flattened by :func:`flatten_optimizer_state`.
+
+    ``tensors`` may hold other entries too (a whole checkpoint); only the referenced keys are used.
+    """
+    try:
+        state = {pid: _decode_value(entry, tensors) for pid, entry in meta["state"]}
+        groups = [_decode_value(g, tensors) for g in meta["param_groups"]]
+        extra = _decode_value(meta.get("extra", {}), tensors)
+    except KeyError as e:
+        raise CheckpointError(f"optimizer state refers to a missing tensor {e}.", fix=_FIX_REWRITE) from None
+    return {"state": state, "param_groups": groups, **extra}

@@ -1,0 +1,382 @@
+"""The one training loop every method uses: stages of optimiser steps, checkpoints, resume, budgets.
+
+Read :func:`train` top to bottom. For each stage of ``method.stages(n)`` it builds the stage's
+optimiser and runs ``stage.steps`` steps; each step sets the learning rate from the stage's schedule,
+draws a batch of image indices, lets the method corrupt/convert them (``make_batch``), computes the
+loss (``training_step``) and steps the optimiser.
+
+Determinism: batch indices are a pure function of (seed, stage, step); the method's random numbers
+come from one numpy Generator and torch's global RNG, both seeded from ``seed`` and both stored in
+checkpoints, so a resumed run ends with exactly the weights of an uninterrupted one (on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from anomap.errors import AnomapError, CheckpointError, ConfigError
+from anomap.train.checkpoint import (
+    flatten_optimizer_state,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten_optimizer_state,
+)
+
+log = logging.getLogger(__name__)
+
+# Config keys that only control how a run executes; changing them does not invalidate a checkpoint.
+RUNTIME_KEYS = frozenset({"max_train_seconds", "device", "num_threads", "checkpoint_every"})
+
+
+def set_threads(n: int = 0) -> int:
+    """Set torch's intra-op threads; ``n == 0`` means all usable cores (at most 16). Returns n."""
+    if n <= 0:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            n = os.cpu_count() or 1
+        n = max(1, min(n, 16))
+    torch.set_num_threads(n)
+    return n
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> cuda when available else cpu; a device that is not available -> ConfigError."""
+    name = str(name).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r} is not a device name.", fix="use device=cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device={name!r} but this torch has no usable CUDA.",
+                fix="use device=cpu or install a CUDA build of torch",
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist.",
+                fix="use device=cuda:0 or device=auto",
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={name!r} is not available here.", fix="use device=cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device={name!r} is not supported.", fix="use device=cpu, cuda, cuda:N or auto")
+    return dev
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did.
+
+    Attributes:
+        steps: steps done per stage (counting steps done before a resume).
+        planned: steps the schedule planned per stage.
+        stopped_by: "schedule", "time_budget" or "max_steps".
+        seconds: training time, summed across resumes.
+        history: one dict (stage, step, loss, lr, elapsed, other logged scalars) every ``log_every`` steps.
+        best_step: step of the last stage whose weights were kept (``eval_fn`` only), else None.
+    """
+
+    steps: dict[str, int]
+    planned: dict[str, int]
+    stopped_by: str
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+    best_step: int | None = None
+
+
+def batch_indices(n: int, batch_size: int, seed: int, stage_index: int, step: int) -> np.ndarray:
+    """Image indices for one step: consecutive slices of a per-epoch permutation (drop_last).
+
+    With fewer images than ``batch_size`` every image is used once and the rest is drawn with
+    replacement. The result depends only on the arguments, so resuming needs no extra state.
+    """
+    if n < batch_size:
+        g = np.random.default_rng([seed, stage_index, step])
+        return np.concatenate([g.permutation(n), g.integers(0, n, batch_size - n)])
+    per_epoch = n // batch_size
+    epoch, pos = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, stage_index, epoch]).permutation(n)
+    return perm[pos * batch_size : (pos + 1) * batch_size]
+
+
+def _scalars(out: dict[str, Any]) -> dict[str, float]:
+    """Loggable scalar entries of a training_step output."""
+    return {k: float(v.detach()) for k, v in out.items() if isinstance(v, Tensor) and v.numel() == 1}
+
+
+def _check_compatible(meta: dict, extra_meta: dict, planned: dict[str, int], n: int, path: Path) -> None:
+    """Refuse to resume from a checkpoint of another method, config, plan or image set."""
+    fix = "delete the checkpoint or drop --resume to train from scratch"
+    if meta.get("kind") != "train_state":
+        raise CheckpointError("not a resumable training checkpoint.", path=path, fix=fix)
+    if "method" in extra_meta and meta.get("method") != extra_meta["method"]:
+        raise CheckpointError(
+            f"written by method {meta.get('method')!r}, not {extra_meta['method']!r}.", path=path, fix=fix
+        )
+    if "config" in extra_meta:
+        old = {k: v for k, v in (meta.get("config") or {}).items() if k not in RUNTIME_KEYS}
+        current = json.loads(json.dumps(extra_meta["config"], default=str))  # as it would be stored
+        new = {k: v for k, v in current.items() if k not in RUNTIME_KEYS}
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            raise CheckpointError(f"written with a different config ({', '.join(diff)}).", path=path, fix=fix)
+    if meta.get("planned") != planned or meta.get("n_images") != n:
+        raise CheckpointError(
+            "written for a different training plan or number of images.", path=path, fix=fix
+        )
+
+
+def train(
+    method: Any,
+    images: np.ndarray,
+    *,
+    seed: int,
+    device: torch.device,
+    ckpt_path: Path | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 200,
+    max_seconds: float = 0.0,
+    log_every: int = 10,
+    progress: bool = True,
+    eval_fn: Callable[[], float] | None = None,
+    eval_every: int = 0,
+    extra_meta: dict | None = None,
+) -> TrainResult:
+    """Train ``method`` (already on ``device``) on uint8 images (N, H, W, C) through all its stages.
+
+    Args:
+        method: an anomap Method.
+        images: the fit images at the working size.
+        seed: seeds torch, the batch order and the method's numpy Generator.
+        device: where batches are moved.
+        ckpt_path: resumable checkpoint, written every ``checkpoint_every`` steps (0: only at stage
+            ends) and when a stage ends or training stops early.
+        resume: continue from ``ckpt_path`` when it exists.
+        max_seconds: stop all training once this much time (across resumes) has passed; 0 = no limit.
+        log_every: steps between history entries.
+        progress: show a tqdm bar per stage.
+        eval_fn: validation loss (lower is better), called under ``torch.no_grad()`` in eval mode
+            every ``eval_every`` steps of the last stage and at its end; the best weights are kept.
+        extra_meta: stored in checkpoints; its "method" and "config" must match on resume.
+
+    Returns:
+        A TrainResult; the method is left in eval mode.
+
+    Raises:
+        AnomapError: the loss became nan/inf (the last checkpoint is left as it was).
+        CheckpointError: the checkpoint to resume from is unreadable or belongs to another run.
+    """
+    n = len(images)
+    if n == 0:
+        raise AnomapError("no images to train on.", fix="give a folder with at least one good image")
+    stages = method.stages(n)
+    planned = {s.name: int(s.steps) for s in stages}
+    max_steps = int(getattr(getattr(method, "config", None), "max_steps", 0) or 0)
+    extra_meta = dict(extra_meta or {})
+    ckpt_path = None if ckpt_path is None else Path(ckpt_path)
+
+    # --- seeds, then (maybe) the state to resume from --------------------------------------------
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    history: list[dict] = []
+    steps_done = {name: 0 for name in planned}
+    start_stage, start_step, prior_elapsed = 0, 0, 0.0
+    saved: dict[str, Tensor] | None = None
+    saved_meta: dict = {}
+    restore_before_stage = False  # the checkpoint was written at a stage end
+    best_state: dict[str, Tensor] | None = None
+    best_step: int | None = None
+    best_value = math.inf
+
+    if resume and ckpt_path is not None and ckpt_path.is_file():
+        saved, saved_meta = load_checkpoint(ckpt_path)
+        _check_compatible(saved_meta, extra_meta, planned, n, ckpt_path)
+        start_stage, start_step = int(saved_meta["stage_index"]), int(saved_meta["step"])
+        if start_stage >= len(stages) or stages[start_stage].name != saved_meta["stage"]:
+            raise CheckpointError("its stages do not match this method.", path=ckpt_path, fix="delete it")
+        if start_step >= stages[start_stage].steps:
+            start_stage, start_step, restore_before_stage = start_stage + 1, 0, True
+        prior_elapsed = float(saved_meta["elapsed"])
+        history = list(saved_meta.get("history", []))
+        steps_done.update(saved_meta.get("steps_done", {}))
+        if saved_meta.get("best_step") is not None:
+            best_step, best_value = int(saved_meta["best_step"]), float(saved_meta["best_value"])
+            best_state = {k[5:]: v for k, v in saved.items() if k.startswith("best.")}
+        log.info("resuming from %s at stage %s step %d", ckpt_path, saved_meta["stage"], saved_meta["step"])
+    elif resume:
+        log.warning("resume requested but no checkpoint at %s; training from scratch", ckpt_path)
+
+    def restore() -> None:
+        """Load model weights and RNG states from the checkpoint resumed from."""
+        assert saved is not None
+        method.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")})
+        torch.set_rng_state(saved["rng.torch"])
+        if "rng.cuda" in saved and device.type == "cuda":
+            torch.cuda.set_rng_state(saved["rng.cuda"], device)
+        rng.bit_generator.state = saved_meta["numpy_rng"]
+
+    t0 = time.monotonic()
+
+    def elapsed() -> float:
+        return prior_elapsed + time.monotonic() - t0
+
+    def save(stage_index: int, step: int, opt: torch.optim.Optimizer) -> None:
+        """Write everything needed to continue at ``step`` of stage ``stage_index``."""
+        if ckpt_path is None:
+            return
+        tensors = {f"model.{k}": v for k, v in method.state_dict().items()}
+        opt_tensors, opt_meta = flatten_optimizer_state(opt.state_dict())
+        tensors.update(opt_tensors)
+        tensors["rng.torch"] = torch.get_rng_state()
+        if device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+        if best_state is not None:
+            tensors.update({f"best.{k}": v for k, v in best_state.items()})
+        stage = stages[stage_index]
+        epoch, position = divmod(step, max(1, n // stage.batch_size))
+        meta = {
+            **extra_meta,
+            "kind": "train_state",
+            "stage_index": stage_index,
+            "stage": stage.name,
+            "step": step,
+            "epoch": epoch,
+            "position": position,
+            "elapsed": elapsed(),
+            "seed": seed,
+            "n_images": n,
+            "planned": planned,
+            "steps_done": steps_done,
+            "numpy_rng": rng.bit_generator.state,
+            "optimizer": opt_meta,
+            "history": history,
+            "best_step": best_step,
+            "best_value": None if best_step is None else best_value,
+        }
+        save_checkpoint(ckpt_path, tensors, meta)
+
+    # --- stages ------------------------------------------------------------------------------------
+    if saved is not None and start_stage >= len(stages):
+        restore()  # the checkpoint is of a finished run: nothing left to do
+    stopped_by = "schedule"
+    for si in range(start_stage, len(stages)):
+        stage = stages[si]
+        resuming_here = saved is not None and si == start_stage
+        if resuming_here and restore_before_stage:
+            restore()
+        method.set_stage(stage.name)
+        opt = stage.make_optimizer()
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        if resuming_here and not restore_before_stage:
+            restore()
+            opt.load_state_dict(unflatten_optimizer_state(saved, saved_meta["optimizer"]))
+        is_last = si == len(stages) - 1
+        step = start_step if resuming_here and not restore_before_stage else 0
+        bar = tqdm(total=stage.steps, initial=step, desc=stage.name, disable=not progress, dynamic_ncols=True)
+        window: list[float] = []
+        last_eval = -1
+
+        while step < stage.steps:
+            total = sum(steps_done.values())
+            if max_steps > 0 and total >= max_steps:
+                stopped_by = "max_steps"
+                break
+            if max_seconds > 0 and total > 0 and elapsed() > max_seconds:
+                stopped_by = "time_budget"
+                break
+
+            factor = stage.lr_factor(step)
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+            idx = batch_indices(n, stage.batch_size, seed, si, step)
+            batch = method.make_batch(images[idx], rng, images)
+            batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+            method.train()
+            out = method.training_step(batch, step)
+            loss = out["loss"]
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                bar.close()
+                raise AnomapError(
+                    f"training diverged: loss is {value} at stage {stage.name} step {step}",
+                    fix="lower lr or check the images",
+                )
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            steps_done[stage.name] = step
+
+            window.append(value)
+            lr = float(opt.param_groups[0]["lr"])
+            bar.set_postfix(loss=f"{sum(window) / len(window):.4g}", lr=f"{lr:.3g}", refresh=False)
+            bar.update(1)
+            if log_every > 0 and (step % log_every == 0 or step == stage.steps):
+                entry = {**_scalars(out), "loss": sum(window) / len(window)}
+                history.append({**entry, "stage": stage.name, "step": step, "lr": lr, "elapsed": elapsed()})
+                window = []
+
+            if eval_fn is not None and is_last and ((eval_every > 0 and step % eval_every == 0) or step == stage.steps):
+                last_eval = step
+                best_state, best_step, best_value = _evaluate(method, eval_fn, step, best_state, best_step, best_value)
+            if checkpoint_every > 0 and step % checkpoint_every == 0 and step < stage.steps:
+                save(si, step, opt)
+
+        bar.close()
+        if eval_fn is not None and is_last and stopped_by != "schedule" and last_eval != step and step > 0:
+            best_state, best_step, best_value = _evaluate(method, eval_fn, step, best_state, best_step, best_value)
+        save(si, step, opt)
+        if stopped_by != "schedule":
+            break
+
+    # --- finish ------------------------------------------------------------------------------------
+    if best_state is not None:
+        method.load_state_dict(best_state)
+    method.eval()
+    return TrainResult(
+        steps=dict(steps_done),
+        planned=planned,
+        stopped_by=stopped_by,
+        seconds=elapsed(),
+        history=history,
+        best_step=best_step,
+    )
+
+
+def _evaluate(
+    method: Any,
+    eval_fn: Callable[[], float],
+    step: int,
+    best_state: dict[str, Tensor] | None,
+    best_step: int | None,
+    best_value: float,
+) -> tuple[dict[str, Tensor] | None, int | None, float]:
+    """Call ``eval_fn`` in eval mode; keep a CPU copy of the weights when they are the best so far."""
+    method.eval()
+    with torch.no_grad():
+        value = float(eval_fn())
+    method.train()
+    log.debug("step %d: validation loss %.6g", step, value)
+    if math.isfinite(value) and (best_state is None or value < best_value):
+        best_state = {k: v.detach().to("cpu", copy=True) for k, v in method.state_dict().items()}
+        best_step, best_value = step, value
+    return best_state, best_step, best_value

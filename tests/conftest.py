@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny datasets built on the fly (never the real data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY = {"image_size": 32, "max_steps": 6, "width": 8, "batch_size": 4, "checkpoint_every": 3,
+        "device": "cpu", "min_heldout": 3, "num_threads": 1}
+
+
+def _normal(rng: np.random.Generator, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size]
+    phase = rng.uniform(0, 0.3)
+    base = 120 + 60 * np.sin(xx / 5.0 + phase) * np.cos(yy / 7.0)
+    img = base[..., None] + rng.normal(0, 4, (size, size, 3))
+    img[..., 1] *= 0.9
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_category(root: Path, n_train: int = 12, n_good: int = 4, n_defect: int = 4, size: int = 48,
+                  seed: int = 0) -> Path:
+    """Write a tiny MVTec-layout category: smooth stripes as normal, bright squares as defects."""
+    rng = np.random.default_rng(seed)
+    for sub in ("train/good", "test/good", "test/spot", "ground_truth/spot"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n_train):
+        Image.fromarray(_normal(rng, size)).save(root / "train/good" / f"{i:03d}.png")
+    for i in range(n_good):
+        Image.fromarray(_normal(rng, size)).save(root / "test/good" / f"{i:03d}.png")
+    for i in range(n_defect):
+        img = _normal(rng, size)
+        mask = np.zeros((size, size), np.uint8)
+        y, x = rng.integers(4, size - 16, 2)
+        img[y:y + 10, x:x + 10] = 255
+        mask[y:y + 10, x:x + 10] = 255
+        Image.fromarray(img).save(root / "test/spot" / f"{i:03d}.png")
+        Image.fromarray(mask).save(root / "ground_truth/spot" / f"{i:03d}_mask.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_category(tmp_path_factory) -> Path:
+    return make_category(tmp_path_factory.mktemp("data") / "tiny")
+
+
+@pytest.fixture
+def tiny_cfg() -> dict:
+    return dict(TINY)
