@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=None, help="image folder or MVTec category (default: demo)")
     ap.add_argument("--preset", default="ssl_ae", choices=sorted(PRESETS))
-    ap.add_argument("--size", type=int, default=256, help="images are resized to size x size")
+    ap.add_argument("--size", type=int, default=128, help="images are resized to size x size")
     ap.add_argument("--n", type=int, default=8, help="number of examples (columns)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("docs/img/corruption_grid.png"))

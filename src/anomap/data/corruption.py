@@ -5,8 +5,8 @@ an image, each filled with material from another image, a moved copy of the same
 constant colour, a blur, a colour jitter or a procedural texture, blended with a random opacity and a
 feathered edge. It returns the corrupted image and a mask of the pixels that were changed.
 
-Mask convention: a pixel is in the mask when the feathered shape covers it at least half
-(feathered shape >= 0.5, before the opacity is applied). Pixels just outside the mask may change a
+Mask convention: a pixel is in the mask when it belongs to the hard shape or the feathered shape covers
+it at least half (feathered shape >= 0.5, before the opacity is applied). Pixels just outside the mask may change a
 little (within ``ceil(3 * soft_edge)`` px of it); pixels further away never change. Inside the mask a
 fill always differs from the original (opacity x mean absolute difference of at least ``MIN_FILL_DIFF``
 grey levels), but individual pixels may happen to keep their value. With ``ensure_visible`` a fill whose
@@ -72,23 +72,21 @@ class CorruptionConfig:
     noise_mix: tuple[float, float] = (1.0, 1.0)
     ensure_visible: bool = True
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # lists (from YAML) become tuples, weights floats
         self.n_shapes = (int(self.n_shapes[0]), int(self.n_shapes[1]))
-        self.shape_area = (float(self.shape_area[0]), float(self.shape_area[1]))
-        self.alpha = (float(self.alpha[0]), float(self.alpha[1]))
-        self.noise_mix = (float(self.noise_mix[0]), float(self.noise_mix[1]))
-        self.shapes = {str(k): float(v) for k, v in dict(self.shapes).items()}
-        self.fills = {str(k): float(v) for k, v in dict(self.fills).items()}
+        self.shape_area, self.alpha, self.noise_mix = (
+            (float(v[0]), float(v[1])) for v in (self.shape_area, self.alpha, self.noise_mix)
+        )
+        self.shapes, self.fills = (
+            {str(k): float(v) for k, v in d.items()} for d in (self.shapes, self.fills)
+        )
         self.validate()
 
     def validate(self) -> None:
         """Raise ConfigError for values that cannot work."""
         if not 0 <= self.n_shapes[0] <= self.n_shapes[1]:
-            raise ConfigError(
-                f"n_shapes={self.n_shapes} is not a range.", fix="use (lo, hi) with 0 <= lo <= hi"
-            )
-        lo, hi = self.shape_area
-        if not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError(f"n_shapes={self.n_shapes} is not a range.", fix="use (lo, hi), 0 <= lo <= hi")
+        if not 0.0 < self.shape_area[0] <= self.shape_area[1] <= 1.0:
             raise ConfigError(f"shape_area={self.shape_area} is not a range in (0, 1].")
         for name, weights, known in (("shapes", self.shapes, SHAPE_KINDS), ("fills", self.fills, FILL_KINDS)):
             unknown = sorted(set(weights) - set(known))
@@ -96,10 +94,9 @@ class CorruptionConfig:
                 raise ConfigError(f"{name} has unknown kinds {unknown}.", fix=f"use kinds from {list(known)}")
             if any(v < 0 for v in weights.values()) or sum(weights.values()) <= 0:
                 raise ConfigError(f"{name}={weights} needs non-negative weights with a positive sum.")
-        if not 0.0 <= self.alpha[0] <= self.alpha[1] <= 1.0:
-            raise ConfigError(f"alpha={self.alpha} is not a range in [0, 1].")
-        if not 0.0 <= self.noise_mix[0] <= self.noise_mix[1] <= 1.0:
-            raise ConfigError(f"noise_mix={self.noise_mix} is not a range in [0, 1].")
+        for name, (lo, hi) in (("alpha", self.alpha), ("noise_mix", self.noise_mix)):
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ConfigError(f"{name}={(lo, hi)} is not a range in [0, 1].")
         if self.soft_edge < 0 or self.min_size_px < 1:
             raise ConfigError("soft_edge must be >= 0 and min_size_px >= 1.")
         if self.self_mode not in ("any", "flip"):
@@ -155,16 +152,10 @@ def _otsu(values: np.ndarray) -> float:
 
 
 def foreground_box(image: np.ndarray) -> Box:
-    """Bounding box of the largest Otsu foreground blob, widened 10% left/right and 20% top/bottom.
+    """(top, bottom, left, right) of the largest Otsu foreground blob of a uint8 (H, W, C) image.
 
-    The Otsu class that covers most of the image border is taken as background. Computed on a
-    subsampled grey image (about 64 px). Returns the whole image when nothing is found.
-
-    Args:
-        image: uint8 (H, W, C).
-
-    Returns:
-        (top, bottom, left, right), bottom/right exclusive.
+    The box is widened 10% left/right and 20% top/bottom (ISSTAD); the Otsu class covering most of the
+    border is the background; computed at about 64 px. The whole image when nothing is found.
     """
     h, w = image.shape[:2]
     whole = (0, h, 0, w)
@@ -186,13 +177,9 @@ def foreground_box(image: np.ndarray) -> Box:
     return max(0, t - dh), min(h, b + dh), max(0, left - dw), min(w, r + dw)
 
 
-def _aspect(rng: np.random.Generator) -> float:
-    return float(math.exp(rng.uniform(math.log(1 / 3), math.log(3))))
-
-
 def _shape(kind: str, area: float, rng: np.random.Generator, min_px: int, hmax: int, wmax: int) -> np.ndarray:
     """Boolean mask (h, w) of one shape of about ``area`` pixels, centred in its own canvas."""
-    a = _aspect(rng)
+    a = float(math.exp(rng.uniform(-math.log(3), math.log(3))))  # aspect ratio in [1/3, 3]
     if kind == "rectangle":
         h = int(np.clip(round(math.sqrt(area / a)), min_px, hmax))
         w = int(np.clip(round(area / max(h, 1)), min_px, wmax))
@@ -232,35 +219,30 @@ def _shape(kind: str, area: float, rng: np.random.Generator, min_px: int, hmax: 
     yy = np.linspace(-1, 1, h, dtype=np.float32)[:, None]
     xx = np.linspace(-1, 1, w, dtype=np.float32)[None, :]
     field_ = noise - 2.5 * (yy**2 + xx**2)
-    thr = np.partition(field_.ravel(), int((1 - frac) * (field_.size - 1)))[
-        int((1 - frac) * (field_.size - 1))
-    ]
-    return field_ >= thr
+    k = int((1 - frac) * (field_.size - 1))
+    return field_ >= np.partition(field_.ravel(), k)[k]
 
 
 class _Ctx:
     """Per-image state shared by the fill functions."""
 
     def __init__(self, image: np.ndarray, cfg: CorruptionConfig, pool: np.ndarray | None):
-        self.u8 = image
-        self.img = image.astype(np.float32)
-        self.cfg = cfg
-        self.pool = pool
+        self.u8, self.img, self.cfg, self.pool = image, image.astype(np.float32), cfg, pool
         self.h, self.w, self.c = image.shape
-        self._dark: tuple[float, np.ndarray] | None = None
+        if cfg.remove_dark:  # mean grey level, mean colour of the pixels at or above it (never empty)
+            sub = self.img[::2, ::2]
+            grey = sub.mean(axis=2)
+            self.level = float(grey.mean())
+            self.colour = sub[grey >= self.level].mean(axis=0)
 
     def src(self, t: int, b: int, left: int, r: int) -> np.ndarray:
         """Region of the image that image-derived fills start from (dark pixels removed when configured)."""
         region = self.img[t:b, left:r]
         if not self.cfg.remove_dark:
             return region
-        if self._dark is None:
-            grey = self.img[::2, ::2].mean(axis=2)
-            bright = grey >= grey.mean()
-            colour = self.img[::2, ::2][bright].mean(axis=0) if bright.any() else self.img.mean(axis=(0, 1))
-            self._dark = (float(grey.mean()), colour.astype(np.float32))
-        level, colour = self._dark
-        return np.where(region.mean(axis=2, keepdims=True) < level, colour, region).astype(np.float32)
+        return np.where(region.mean(axis=2, keepdims=True) < self.level, self.colour, region).astype(
+            np.float32
+        )
 
 
 def _fill(kind: str, ctx: _Ctx, box: Box, rng: np.random.Generator) -> np.ndarray:
@@ -278,23 +260,16 @@ def _fill(kind: str, ctx: _Ctx, box: Box, rng: np.random.Generator) -> np.ndarra
         patch = pool[j, oy : oy + h, ox : ox + w].astype(np.float32)
         return patch[:, ::-1] if rng.random() < 0.5 else patch
     if kind == "self":
-        if ctx.cfg.self_mode == "flip":
-            op = int(rng.integers(3))
-            if op == 0:
-                return ctx.src(t, b, ctx.w - r, ctx.w - left)[:, ::-1]
-            if op == 1:
-                return ctx.src(ctx.h - b, ctx.h - t, left, r)[::-1]
-            return ctx.src(ctx.h - b, ctx.h - t, ctx.w - r, ctx.w - left)[::-1, ::-1]
+        flips = ((slice(None), slice(None, None, -1)), slice(None, None, -1), (slice(None, None, -1),) * 2)
+        op = int(rng.integers(3 if ctx.cfg.self_mode == "flip" or h != w else 4))
+        if ctx.cfg.self_mode == "flip":  # the flipped image at the same place
+            fy, fx = op > 0, op != 1
+            ys = (ctx.h - b, ctx.h - t) if fy else (t, b)
+            xs = (ctx.w - r, ctx.w - left) if fx else (left, r)
+            return ctx.src(*ys, *xs)[flips[op]]
         oy, ox = int(rng.integers(0, ctx.h - h + 1)), int(rng.integers(0, ctx.w - w + 1))
         patch = ctx.src(oy, oy + h, ox, ox + w)
-        op = int(rng.integers(4 if h == w else 3))
-        if op == 0:
-            return patch[:, ::-1]
-        if op == 1:
-            return patch[::-1]
-        if op == 2:
-            return patch[::-1, ::-1]
-        return np.rot90(patch, int(rng.integers(1, 4)))
+        return patch[flips[op]] if op < 3 else np.rot90(patch, int(rng.integers(1, 4)))
     if kind == "noise":
         m = rng.uniform(*ctx.cfg.noise_mix)
         noise = rng.uniform(0, 255, (h, w, c)).astype(np.float32)
@@ -310,11 +285,8 @@ def _fill(kind: str, ctx: _Ctx, box: Box, rng: np.random.Generator) -> np.ndarra
         p = math.ceil(3 * sigma)
         t2, b2, l2, r2 = max(0, t - p), min(ctx.h, b + p), max(0, left - p), min(ctx.w, r + p)
         region = np.clip(ctx.src(t2, b2, l2, r2), 0, 255).astype(np.uint8)
-        pil = Image.fromarray(region[..., 0] if c == 1 else region)
-        blurred = np.asarray(pil.filter(ImageFilter.GaussianBlur(sigma)), dtype=np.float32).reshape(
-            region.shape
-        )
-        return blurred[t - t2 : b - t2, left - l2 : r - l2]
+        pil = Image.fromarray(region[..., 0] if c == 1 else region).filter(ImageFilter.GaussianBlur(sigma))
+        return np.asarray(pil, dtype=np.float32).reshape(region.shape)[t - t2 : b - t2, left - l2 : r - l2]
     if kind == "color":
         patch = ctx.src(t, b, left, r)
         mean = patch.reshape(-1, c).mean(axis=0)
@@ -361,17 +333,9 @@ def _distinct(fill: np.ndarray, orig: np.ndarray) -> bool:
 def _jitter(fill: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Random brightness shift (away from clipping) and contrast change of a fill."""
     mean = fill.reshape(-1, fill.shape[-1]).mean(axis=0)
-    shift = rng.uniform(20, 50) * (1 if mean.mean() < 128 else -1)
+    shift = rng.uniform(25, 60) * (1 if mean.mean() < 128 else -1)
     con = rng.uniform(0.5, 1.5)
     return np.clip((fill - mean) * con + mean + shift, 0, 255)
-
-
-def _check_image(image: np.ndarray, what: str = "image") -> None:
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
-        raise ImageError(
-            f"{what} must be uint8 (H, W, C) with C in {{1, 3}}, got {image.dtype} {image.shape}.",
-            fix="convert with np.asarray(pil_image.convert('RGB'))",
-        )
 
 
 def corrupt(
@@ -389,14 +353,15 @@ def corrupt(
     Returns:
         (corrupted uint8 (H, W, C), mask float32 (H, W) in {0, 1}); see the module docstring.
     """
-    _check_image(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ImageError(f"image must be uint8 (H, W, C), C in {{1, 3}}, got {image.dtype} {image.shape}.")
     if pool is not None:
         if pool.ndim != 4 or pool.shape[1:] != image.shape or pool.dtype != np.uint8 or len(pool) == 0:
             raise ImageError(f"pool must be uint8 (N, {', '.join(map(str, image.shape))}), got {pool.shape}.")
         if len(pool) == 1 and np.array_equal(pool[0], image):
             pool = None
     ctx = _Ctx(image, cfg, pool)
-    h, w, _c = image.shape
+    h, w = image.shape[:2]
     out = ctx.img.copy()
     mask = np.zeros((h, w), dtype=bool)
     rt, rb, rl, rr = foreground_box(image) if cfg.area_limitation else (0, h, 0, w)
@@ -415,7 +380,7 @@ def corrupt(
         if b <= t or r <= left:
             continue
         soft = soft[t - t0 : b - t0, left - l0 : r - l0]
-        inside = soft >= 0.5
+        inside = (soft >= 0.5) | np.pad(local, pad)[t - t0 : b - t0, left - l0 : r - l0]
         if not inside.any():
             continue
         box = (t, b, left, r)
@@ -459,16 +424,9 @@ def corrupt_batch(
 
 
 def make_grid(images: list[np.ndarray], ncol: int, pad: int = 2) -> np.ndarray:
-    """Tile images row by row into one RGB uint8 image.
+    """Tile images row by row (``ncol`` per row, ``pad`` px white gaps) into one RGB uint8 image.
 
-    Args:
-        images: (H, W), (H, W, 1) or (H, W, 3) arrays, uint8, or float in [0, 1] (e.g. masks); sizes
-            may differ (each is placed top-left in a cell of the largest size).
-        ncol: images per row.
-        pad: white gap between cells, px.
-
-    Returns:
-        uint8 (rows * (H + pad) + pad, ncol * (W + pad) + pad, 3).
+    Images may be (H, W), (H, W, 1) or (H, W, 3), uint8 or float in [0, 1] (masks), of differing sizes.
     """
     if not images or ncol < 1:
         raise ValueError("make_grid needs at least one image and ncol >= 1")
