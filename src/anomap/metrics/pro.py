@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from anomap.metrics.roc import _trapezoid
+from anomap.metrics.roc import _check_pixel_inputs, _trapezoid
 
 __all__ = ["aupro", "pro_curve"]
 
@@ -24,12 +24,7 @@ _STRUCTURE = np.ones((3, 3), dtype=bool)
 def _check_inputs(
     maps: Any, masks: Any, fpr_limit: float, num_thresholds: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    maps_arr = maps if isinstance(maps, np.ndarray) else np.asarray(maps)
-    masks_arr = masks if isinstance(masks, np.ndarray) else np.asarray(masks)
-    if maps_arr.ndim != 3:
-        raise ValueError(f"maps must have shape (N, H, W), got {maps_arr.shape}.")
-    if maps_arr.shape != masks_arr.shape:
-        raise ValueError(f"maps {maps_arr.shape} and masks {masks_arr.shape} differ in shape.")
+    maps_arr, masks_arr = _check_pixel_inputs(maps, masks)
     if maps_arr.shape[0] == 0:
         raise ValueError("PRO needs at least one image.")
     if not 0.0 < fpr_limit <= 1.0:
