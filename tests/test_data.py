@@ -339,4 +339,4 @@ def test_channels_and_min_size(tmp_path):
     small = _save(tmp_path / "small.png", Image.new("L", (40, 12)))
     with pytest.raises(DataError) as e:
         ds.check_min_size(grey + [small, colour], 16)
-    _assert_msg(e, small, "40x12", "16 px", "image_size")
+    _assert_msg(e, small, "40x12", "16 px", "at least 16 px")

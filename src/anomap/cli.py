@@ -88,7 +88,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         else:
             raise DataError("input not found.", path=p, fix="give an image file or a folder of images")
     if not paths:
-        raise DataError("no images to score.", path=args.inputs[0], fix="the folder holds no PNG/JPEG/BMP/TIFF")
+        raise DataError("no PNG/JPEG/BMP/TIFF images found in the input(s).", path=", ".join(args.inputs),
+                        fix="give image files or folders that contain images")
     rows = []
     if args.overlays:
         from anomap.data.images import load_image, save_png_atomic

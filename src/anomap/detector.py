@@ -63,7 +63,9 @@ class Detector:
         self.device = resolve_device(cfg.device)
         paths = train_images(path)
         split = split_train(paths, cfg.val_fraction, cfg.min_heldout, cfg.seed)
-        check_min_size(paths, max(16, cfg.image_size // 4))
+        min_side = max(16, cfg.image_size // 4)  # upscaling more than 4x invents the detail the model learns
+        check_min_size(paths, min_side, fix=f"remove the image, or lower image_size (now {cfg.image_size}): "
+                       "images need at least image_size/4 and 16 px per side")
         self.channels = detect_channels(paths)
         size = cfg.image_size
         fit_imgs = load_stack(split.fit, size, self.channels, progress=progress, desc="loading fit images")

@@ -16,6 +16,8 @@ class AnomapError(Exception):
         if self.path is not None:
             parts.append(f"{self.path}: ")
         parts.append(problem)
+        if fix and not problem.rstrip().endswith((".", "!", "?")):
+            parts.append(".")
         if fix:
             parts.append(f" Fix: {fix}")
         super().__init__("".join(parts))

@@ -202,10 +202,10 @@ def detect_channels(paths: Iterable[str | Path]) -> int:
     return 1 if seen else 3
 
 
-def check_min_size(paths: Iterable[str | Path], min_side: int) -> None:
+def check_min_size(paths: Iterable[str | Path], min_side: int, fix: str | None = None) -> None:
     """Raise a DataError naming the first image whose width or height is below ``min_side`` pixels.
 
-    Only headers are read.
+    Only headers are read. ``fix`` replaces the default advice (the caller knows why ``min_side`` is what it is).
     """
     for p in paths:
         w, h = image_size(p)
@@ -213,5 +213,5 @@ def check_min_size(paths: Iterable[str | Path], min_side: int) -> None:
             raise DataError(
                 f"image is {w}x{h} pixels, smaller than the {min_side} px anomap needs on each side.",
                 path=p,
-                fix=f"use larger images or a smaller image_size (at most {min(w, h)})",
+                fix=fix or f"use images of at least {min_side} px per side or remove this one",
             )

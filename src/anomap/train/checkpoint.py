@@ -32,7 +32,8 @@ FORMAT_VERSION = 1
 _META_KEY = "anomap"
 _VERSION_KEY = "format_version"
 _NOT_READABLE = "not a readable anomap checkpoint (truncated or not a safetensors file)"
-_FIX_REWRITE = "delete it and train again, or point to another checkpoint"
+_FIX_REWRITE = ("use an intact model file (re-save or copy it again); for a .partial training checkpoint, "
+                "delete it or drop --resume to train from scratch")
 # What safetensors (and the OS) raise for a file that is not a complete safetensors file.
 _READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError, UnicodeDecodeError)
 
