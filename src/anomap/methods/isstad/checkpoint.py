@@ -1,0 +1,110 @@
+"""Loading a user's MAE (encoder + decoder) or ViT (encoder only) checkpoint into the isstad model.
+
+Nothing is downloaded: the file is a local ``.pth`` (read with ``torch.load(weights_only=True)``, never
+unpickling code) or ``.safetensors``. MAE key names are mapped onto ours (``decoder_blocks.N`` ->
+``decoder1.blocks.N`` ...); checkpoint decoder blocks beyond ``dec_depth_stage1`` are dropped, as the
+published stage 1 does with the 8-block MAE decoder.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from anomap.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from anomap.methods.isstad.method import Isstad
+
+log = logging.getLogger(__name__)
+
+_DECODER_NAMES = {"decoder_embed.": "embed.", "decoder_pos_embed": "pos_embed", "decoder_blocks.": "blocks.",
+                  "decoder_norm.": "norm.", "decoder_pred.": "pred.", "mask_token": "mask_token"}
+_IGNORED = ("head.", "fc_norm.")  # classification heads of fine-tuned ViTs
+
+
+def _read_state_dict(path: Path) -> dict[str, Tensor]:
+    fix = "give a local MAE/ViT state_dict (.pth or .safetensors) or unset mae_checkpoint_path"
+    if not path.is_file():
+        raise CheckpointError("MAE checkpoint not found.", path=path, fix=fix)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
+        raise CheckpointError(f"cannot read the MAE checkpoint ({type(e).__name__}: {e}).", path=path,
+                              fix=fix) from None
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError("the MAE checkpoint does not hold a state_dict of tensors.", path=path, fix=fix)
+    return state
+
+
+def _map_key(key: str, depth1: int) -> str | None:
+    """MAE key -> our key (``encoder.*`` / ``decoder1.*``); None for keys that are dropped on purpose."""
+    if key.startswith(("encoder.", "decoder1.")):
+        return key
+    if key.startswith(_IGNORED):
+        return None
+    for old, new in _DECODER_NAMES.items():
+        if key.startswith(old):
+            rest = new + key[len(old):]
+            if rest.startswith("blocks.") and int(rest.split(".")[1]) >= depth1:
+                return None  # deeper checkpoint decoder: extra blocks are dropped, as published
+            return "decoder1." + rest
+    return "encoder." + key
+
+
+def load_mae_checkpoint(model: Isstad, path: str | Path) -> None:
+    """Load a MAE (encoder + decoder) or ViT (encoder only) state_dict into the stage-1 model.
+
+    Every encoder tensor must be in the file with our shape; when the file has decoder tensors, every
+    stage-1 decoder tensor must be too. Raises CheckpointError naming the offending keys and shapes.
+    """
+    path = Path(path)
+    state = _read_state_dict(path)
+    ours = model.state_dict()
+    mapped: dict[str, Tensor] = {}
+    unexpected = []
+    for key, value in state.items():
+        new = _map_key(key, model.config.dec_depth_stage1)
+        if new is None:
+            continue
+        if new in ours:
+            mapped[new] = value
+        else:
+            unexpected.append(key)
+    has_decoder = any(k.startswith("decoder1.") for k in mapped)
+    needed = [k for k in ours if k.startswith("encoder.") or (has_decoder and k.startswith("decoder1."))]
+    missing = [k for k in needed if k not in mapped]
+    wrong = [f"{k} {tuple(mapped[k].shape)} != {tuple(ours[k].shape)}" for k in needed
+             if k in mapped and mapped[k].shape != ours[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if wrong:
+        problems.append(f"shape mismatch {', '.join(wrong[:8])}{' ...' if len(wrong) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    if problems:
+        cfg = model.config
+        raise CheckpointError(
+            f"the MAE checkpoint does not fit isstad (image_size {cfg.image_size}, patch {cfg.patch_size}, "
+            f"enc {cfg.enc_dim}/{cfg.enc_depth}/{cfg.enc_heads}, dec {cfg.dec_dim}/{cfg.dec_depth_stage1}): "
+            + "; ".join(problems) + ".",
+            path=path,
+            fix="use --set preset=paper for ViT-L/16 MAE weights, or match the model sizes to the file",
+        )
+    with torch.no_grad():
+        for k, v in mapped.items():
+            ours[k].copy_(v.to(ours[k].dtype))
+    log.info("isstad: loaded %d tensors from %s", len(mapped), path)
