@@ -26,6 +26,7 @@ from efficientnet_lite_pytorch import EfficientNet
 from torch import Tensor, nn
 
 from anomap.errors import CheckpointError, ConfigError
+from anomap.fileio import read_state_dict as _read
 from anomap.nn.resnet import RESNETS
 
 LITE_NAMES = {f"efficientnet_lite{i}": f"efficientnet-lite{i}" for i in range(3)}
@@ -67,25 +68,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     Raises:
         CheckpointError: the file is missing, unreadable or does not hold tensors.
     """
-    p = Path(path)
-    fix = "give a local state_dict file (.pth or .safetensors) of the teacher architecture"
-    if not p.is_file():
-        raise CheckpointError("teacher weight file not found.", path=p, fix=fix)
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(p))
-        else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
-        raise CheckpointError(f"cannot read the teacher weights ({type(e).__name__}: {e}).", path=p,
-                              fix=fix) from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError("the file does not hold a state_dict of tensors.", path=p, fix=fix)
+    state = _read(path, "teacher weights",
+                  "give a local state_dict file (.pth or .safetensors) of the teacher architecture")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from anomap.errors import CheckpointError
+from anomap.fileio import atomic_write_bytes
 
 FORMAT_VERSION = 1
 
@@ -90,21 +90,7 @@ def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], metadata: dict
     }
     prepared = _prepare(tensors)
     data = save(prepared, metadata=header)
-    tmp_path: Path | None = None
-    try:
-        with tempfile.NamedTemporaryFile(
-            delete=False, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-        ) as tmp:
-            tmp_path = Path(tmp.name)
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.chmod(tmp_path, 0o644)  # NamedTemporaryFile creates 0600; a checkpoint is an ordinary file
-        os.replace(tmp_path, path)
-    except BaseException:
-        if tmp_path is not None:
-            tmp_path.unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
     _fsync_dir(path.parent)
     return path
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from anomap.errors import CheckpointError
+from anomap.fileio import read_state_dict
 
 if TYPE_CHECKING:
     from anomap.methods.isstad.method import Isstad
@@ -29,24 +30,7 @@ _IGNORED = ("head.", "fc_norm.")  # classification heads of fine-tuned ViTs
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
     fix = "give a local MAE/ViT state_dict (.pth or .safetensors) or unset mae_checkpoint_path"
-    if not path.is_file():
-        raise CheckpointError("MAE checkpoint not found.", path=path, fix=fix)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader failure means the same thing to the user
-        raise CheckpointError(f"cannot read the MAE checkpoint ({type(e).__name__}: {e}).", path=path,
-                              fix=fix) from None
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise CheckpointError("the MAE checkpoint does not hold a state_dict of tensors.", path=path, fix=fix)
-    return state
+    return read_state_dict(path, "MAE checkpoint", fix)
 
 
 def _map_key(key: str, depth1: int) -> str | None:
