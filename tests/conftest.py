@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 TINY = {"image_size": 32, "max_steps": 6, "width": 8, "batch_size": 4, "checkpoint_every": 3,
@@ -50,3 +51,12 @@ def tiny_category(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_cfg() -> dict:
     return dict(TINY)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest (and never oversubscribe a busy machine) on one thread; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

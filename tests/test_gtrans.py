@@ -20,13 +20,7 @@ CATS = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian
 COFFEE = {504, 967, 968}  # coffee mug, espresso, cup
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions are fastest (and not oversubscribed) on one thread; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _photo(img: np.ndarray, size: int = 224) -> torch.Tensor:

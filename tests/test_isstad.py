@@ -24,13 +24,7 @@ TINY = {"image_size": 32, "patch_size": 8, "enc_dim": 32, "enc_depth": 1, "enc_h
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest (and never oversubscribe a busy machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0, **kw) -> Isstad:

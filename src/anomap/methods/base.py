@@ -81,6 +81,12 @@ class Method(nn.Module):
     def stages(self, n_fit: int) -> list[Stage]:
         raise NotImplementedError
 
+    def schedule_steps(self, epochs: int, n_fit: int, batch_size: int, min_steps: int = 0) -> int:
+        """Steps of a one-stage schedule: ``epochs`` over ``n_fit`` images, at least ``min_steps``,
+        at most ``config.max_steps`` when that is set (tiny runs)."""
+        steps = max(epochs_to_steps(epochs, n_fit, batch_size), min_steps)
+        return min(steps, self.config.max_steps) if self.config.max_steps > 0 else steps
+
     def set_stage(self, name: str) -> None:
         """Called by the loop before a stage starts (freeze/unfreeze parts here)."""
         self.stage = name

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from anomap.config import MethodConfig
 from anomap.errors import ConfigError
-from anomap.methods.base import Method, Stage, cosine_factor, epochs_to_steps
+from anomap.methods.base import Method, Stage, cosine_factor
 from anomap.nn.efficientnet import LITE_NAMES, Teacher, canonical_arch
 from anomap.nn.filters import gaussian_blur
 from anomap.nn.gtrans_student import Student
@@ -132,9 +132,7 @@ class GTrans(Method):
     # --- training -------------------------------------------------------------------------------
     def stages(self, n_fit: int) -> list[Stage]:
         cfg = self.config
-        steps = epochs_to_steps(cfg.epochs, n_fit, cfg.batch_size)
-        if cfg.max_steps > 0:
-            steps = min(steps, cfg.max_steps)
+        steps = self.schedule_steps(cfg.epochs, n_fit, cfg.batch_size)
         return [
             Stage(
                 name="gtrans",

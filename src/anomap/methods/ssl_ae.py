@@ -18,7 +18,7 @@ from torch import Tensor
 from anomap.config import MethodConfig
 from anomap.data.corruption import PRESETS, corrupt_batch
 from anomap.errors import ConfigError
-from anomap.methods.base import Method, Stage, cosine_factor, epochs_to_steps
+from anomap.methods.base import Method, Stage, cosine_factor
 from anomap.nn.conv_ae import DilatedConvAE
 from anomap.nn.filters import gaussian_blur, topk_mean
 from anomap.registry import register
@@ -91,9 +91,7 @@ class SslAe(Method):
 
     def stages(self, n_fit: int) -> list[Stage]:
         cfg = self.config
-        steps = max(epochs_to_steps(cfg.epochs, n_fit, cfg.batch_size), cfg.min_steps)
-        if cfg.max_steps > 0:
-            steps = min(steps, cfg.max_steps)
+        steps = self.schedule_steps(cfg.epochs, n_fit, cfg.batch_size, cfg.min_steps)
         return [
             Stage(
                 name="ssl_ae",
