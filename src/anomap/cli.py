@@ -30,8 +30,9 @@ def _config(args: argparse.Namespace, method: str) -> dict[str, Any]:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of config values (flat, or nested under the method name)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override one config value, e.g. --set max_steps=500 (repeatable)")
+    p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
+                   help="override config values, e.g. --set max_steps=500 teacher.arch=efficientnet_lite1 "
+                        "(repeatable)")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
 
 
@@ -251,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="train + evaluate method x dataset pairs; Markdown table rows")
     p.add_argument("--data", nargs="+", required=True, help="category folders")
     p.add_argument("--method", nargs="+", default=["ssl_ae"])
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every run")
+    p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
+                   help="config overrides for every run")
     p.add_argument("--out", default="docs/benchmarks.md", help="Markdown file the rows are appended to")
     p.add_argument("--runs-dir", default="runs/bench", help="where models, metrics and reports go")
     p.add_argument("--max-minutes", type=float, help="training time budget per run")

@@ -140,6 +140,7 @@ def parse_overrides(items: list[str], prefix: str | None = None) -> dict[str, An
     """Turn ``["a=1", "ssl_ae.width=64"]`` into ``{"a": 1, "width": 64}``.
 
     Keys may be prefixed by the method name (``ssl_ae.width``); a prefix of another method is an error.
+    Any other dot spells a nested key: ``teacher.weights`` is ``teacher_weights``.
     Values are parsed as YAML scalars/lists (``true``, ``3``, ``[1, 2]``).
     """
     out: dict[str, Any] = {}
@@ -150,15 +151,24 @@ def parse_overrides(items: list[str], prefix: str | None = None) -> dict[str, An
         key = key.strip()
         if "." in key:
             head, rest = key.split(".", 1)
-            if prefix is not None and head != prefix:
+            if head == prefix:
+                key = rest
+            elif _is_method_name(head):
                 raise ConfigError(f"--set {key}: this key belongs to method {head!r}, not {prefix!r}.")
-            key = rest
+            else:  # a nested spelling: teacher.weights is the key teacher_weights
+                key = key.replace(".", "_")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         out[key] = value
     return out
+
+
+def _is_method_name(name: str) -> bool:
+    from anomap.registry import list_methods
+
+    return name in list_methods()
 
 
 def load_yaml(path: str | Path, prefix: str | None = None) -> dict[str, Any]:
