@@ -1,3 +1,4 @@
+import math
 import numpy as np
 import pytest
 import torch
@@ -186,3 +187,28 @@ def test_fit_save_load_round_trip(tiny_category, tmp_path):
     a, b = det.predict(img), back.predict(img)
     assert a.anomaly_map.shape == (48, 48) and a.score == pytest.approx(b.score, rel=1e-5)
     assert np.allclose(a.anomaly_map, b.anomaly_map, rtol=1e-4, atol=1e-6)
+
+
+def test_schedule_is_planned_within_the_time_budget():
+    """CPU default: the paper's epochs, cut so that the cosine schedule ends inside max_train_seconds."""
+    small = GTrans(build_config(GTransConfig, {"max_train_seconds": 540}), 3)
+    assert small.stages(49)[0].steps == math.ceil(200 * 49 / 16)  # a small category gets all epochs
+    big = small.stages(630)[0].steps
+    assert big == int(0.95 * 540 * small.config.est_images_per_s / 16) < math.ceil(200 * 630 / 16)
+    unlimited = GTrans(build_config(GTransConfig, {"max_train_seconds": 0}), 3)
+    assert unlimited.stages(630)[0].steps == math.ceil(200 * 630 / 16)
+
+
+def test_teacher_feature_cache_gives_the_live_loss(one_thread):
+    rng = np.random.default_rng(0)
+    imgs = np.stack([_normal(rng, 64) for _ in range(6)])
+    m = GTrans(build_config(GTransConfig, TINY), 3).eval()
+    m.prepare_fit(imgs)
+    batch = m.make_batch(imgs[[4, 1]], rng, imgs)
+    assert batch["cached"].tolist() == [4, 1]
+    live = {"image": batch["image"]}
+    with torch.no_grad():
+        assert float(m.training_step(batch, 0)["loss"]) == pytest.approx(float(m.training_step(live, 0)["loss"]),
+                                                                         rel=1e-5)
+    other = np.stack([_normal(rng, 64)])
+    assert "cached" not in m.make_batch(other, rng, imgs)  # an unseen image runs the teacher

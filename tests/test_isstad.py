@@ -107,11 +107,11 @@ def test_step_plan_follows_epochs_budget_and_max_steps():
     cfg = build_config(IsstadConfig, {"max_train_seconds": 0})
     m = Isstad.__new__(Isstad)  # plan_steps reads only the config
     m.config = cfg
-    assert m.plan_steps(250) == (math.ceil(200 * 250 / 32), math.ceil(60 * 250 / 16))
+    assert m.plan_steps(250) == (math.ceil(305 * 250 / 32), math.ceil(200 * 250 / 16))
     m.config = build_config(IsstadConfig, {"max_train_seconds": 900})
     s1, s2 = m.plan_steps(630)
     est = s1 * 32 / cfg.est_images_per_s[0] + s2 * 16 / cfg.est_images_per_s[1]
-    assert est <= 0.95 * 900 + 1 and s1 < math.ceil(200 * 630 / 32)
+    assert est <= 0.95 * 900 + 1 and s1 < math.ceil(305 * 630 / 32)
     m.config = build_config(IsstadConfig, {"max_steps": 7})
     assert m.plan_steps(250) == (4, 3)  # the loop's max_steps counts both stages
 

@@ -87,6 +87,17 @@ class Method(nn.Module):
         steps = max(epochs_to_steps(epochs, n_fit, batch_size), min_steps)
         return min(steps, self.config.max_steps) if self.config.max_steps > 0 else steps
 
+    def budget_steps(self, steps: int, batch_size: int, images_per_s: float) -> int:
+        """Cap a schedule so that it ends within ``config.max_train_seconds`` at the estimated throughput.
+
+        Planning the schedule from the budget (rather than stopping it) lets the learning rate decay
+        fully; a machine slower than the estimate is still stopped by the loop's time limit.
+        """
+        budget = self.config.max_train_seconds
+        if budget <= 0:
+            return steps
+        return max(1, min(steps, int(0.95 * budget * images_per_s / batch_size)))
+
     def set_stage(self, name: str) -> None:
         """Called by the loop before a stage starts (freeze/unfreeze parts here)."""
         self.stage = name
