@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import anomap
 from anomap.config import build_config
@@ -255,6 +256,27 @@ def test_save_load_round_trip(fitted, tmp_path: Path):
     s1, m1 = fitted.predict_raw(batch)
     s2, m2 = again.predict_raw(batch)
     assert np.array_equal(s1, s2) and np.array_equal(m1, m2)
+
+
+def test_rescore_changes_only_scoring_and_recalibrates(fitted, tiny_category, tmp_path: Path):
+    path = fitted.save(tmp_path / "isstad.safetensors")
+    det = anomap.load(path)
+    before = det.calibration.heldout_scores
+    det.rescore({"pixel_map": "prob", "score_model": "stage2"}, tiny_category)
+    assert det.config.pixel_map == "prob" and det.model.config.pixel_map == "prob"
+    assert det.info["rescored"] == {"pixel_map": "prob", "score_model": "stage2"}
+    assert det.calibration.n_heldout == len(before) and det.calibration.heldout_scores != before
+    held = anomap.load(path)
+    scores, _ = det.predict_raw(images(2, seed=3))
+    held.model.config.pixel_map = "prob"
+    assert np.array_equal(scores, held.predict_raw(images(2, seed=3))[0])
+    with pytest.raises(ConfigError, match="enc_dim.*training"):
+        det.rescore({"enc_dim": 64}, tiny_category)
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.fromarray(images(1)[0]).save(other / "zzz.png")
+    with pytest.raises(ConfigError, match="held-out images"):
+        det.rescore({"pixel_map": "recon"}, other)
 
 
 # --- MAE checkpoints ---------------------------------------------------------------------------------------

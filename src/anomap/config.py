@@ -46,6 +46,9 @@ class MethodConfig:
 
     # Values a preset changes; subclasses fill these. {"paper": {"image_size": 256, ...}}
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Keys that change only how a trained model scores (not its weights): `anomap evaluate --set` may
+    # change them on a saved model, which is then recalibrated on its held-out normal images.
+    SCORING_KEYS: ClassVar[tuple[str, ...]] = ("target_fpr", "eval_size", "device", "num_threads")
 
     def validate(self) -> None:
         """Raise ConfigError for values that cannot work."""

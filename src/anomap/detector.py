@@ -138,6 +138,37 @@ class Detector:
         )
         return self.calibration
 
+    def rescore(self, overrides: dict[str, Any], data: str | Path, progress: bool = False) -> Detector:
+        """Change scoring-only settings of a trained detector, then recalibrate it on its held-out normals.
+
+        Args:
+            overrides: values of the method's ``SCORING_KEYS`` (e.g. isstad ``pixel_map``, gtrans
+                ``distance``); any other key changes training and raises ConfigError.
+            data: the folder the detector was trained on; its held-out normal images (the file names
+                stored in ``info["heldout_files"]``) give the new threshold and map statistics.
+        """
+        model = self._require_model()
+        if not overrides:
+            return self
+        allowed = type(self.config).SCORING_KEYS
+        bad = sorted(set(overrides) - set(allowed))
+        if bad:
+            raise ConfigError(f"{', '.join(bad)} change(s) training, not scoring; a saved model cannot take them.",
+                              fix=f"retrain with --set, or change only: {', '.join(allowed)}")
+        values = {**config_to_dict(self.config), **overrides}
+        self.config = build_config(type(self.config), values)
+        model.config = self.config
+        names = set(self.info.get("heldout_files") or [])
+        held = [p for p in train_images(data) if p.name in names]
+        if not names or len(held) != len(names):
+            raise ConfigError(f"the model's {len(names)} held-out images were not all found in this folder.",
+                              path=data, fix="give the folder the model was trained on")
+        held_imgs = load_stack(sorted(held), self.config.image_size, self.channels, progress=progress,
+                               desc="recalibrating")
+        self.calibrate(held_imgs)
+        self.info = {**self.info, "rescored": dict(overrides)}
+        return self
+
     # ---------------------------------------------------------------------------------- prediction
     def _require_model(self) -> Method:
         if self.model is None:

@@ -82,6 +82,7 @@ class GTransConfig(MethodConfig):
     min_lr: float = 1e-6
     est_images_per_s: float = 20.0
 
+    SCORING_KEYS: ClassVar[tuple[str, ...]] = MethodConfig.SCORING_KEYS + ("smoothing_sigma", "distance")
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {
             "image_size": 256,

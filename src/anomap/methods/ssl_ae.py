@@ -46,6 +46,8 @@ class SslAeConfig(MethodConfig):
     image_score: str = "max"
     topk_fraction: float = 0.01
 
+    SCORING_KEYS: ClassVar[tuple[str, ...]] = MethodConfig.SCORING_KEYS + (
+        "smoothing_sigma", "image_score", "topk_fraction")
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {
             "image_size": 256,

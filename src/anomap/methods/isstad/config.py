@@ -54,6 +54,8 @@ class IsstadConfig(MethodConfig):
     est_images_per_s: list[float] = field(default_factory=lambda: [200.0, 65.0])  # stage 1, 2 (CPU, 128 px)
     stage1_time_share: float = 0.55
 
+    SCORING_KEYS: ClassVar[tuple[str, ...]] = MethodConfig.SCORING_KEYS + (
+        "smoothing_sigma", "pixel_map", "score_model")
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {
             "image_size": 224,
