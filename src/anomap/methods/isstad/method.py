@@ -256,12 +256,13 @@ class Isstad(Method):
             if self.config.score_model == "stage2" and not self._warned:
                 log.warning("isstad: stage 2 was never trained; scoring with stage 1's reconstruction error")
                 self._warned = True
-            latent, _, ids = self.encoder(x, 0.0)
+            latent, _, ids = self.encoder(x, 0.0, shuffle=False)  # no masking, no randomness
             recon = unpatchify(self.decoder1(latent, ids)[0], self.config.patch_size, 3)
             m = torch.ones_like(x[:, 0])
         else:
             recon, logits = self._forward2(x)
-            m = torch.stack([z.softmax(dim=1)[:, 1] for z in logits]).mean(dim=0)
+            # softmax over two classes, class 1: sigmoid(z1 - z0), the same value without a full softmax
+            m = torch.stack([torch.sigmoid(z[:, 1] - z[:, 0]) for z in logits]).mean(dim=0)
         return m, (recon - x).pow(2).mean(dim=1)
 
     @torch.no_grad()
