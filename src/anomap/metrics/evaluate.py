@@ -1,6 +1,16 @@
 """Run a trained detector over ``test/`` once and compute the standard metrics.
 
 Test labels are read here and only here, after the model is frozen (docs/protocol.md).
+
+Pixel metrics have two modes, recorded in ``EvalResult.info["pixel_metrics_mode"]``:
+
+* ``exact`` (default while the test set has at most ``EXACT_PIXEL_LIMIT`` pixels at the evaluation
+  size): maps and masks are kept in memory; pixel AUROC and AUPRO use every distinct map value as a
+  threshold.
+* ``streaming`` (above the limit): maps go to a temporary file on disk and are binned in a second
+  pass (:mod:`anomap.metrics.streaming`); memory no longer grows with the number of images. The
+  bound on the difference to the exact value is reported as ``pixel_auroc_max_error`` and
+  ``aupro_max_error``.
 """
 
 from __future__ import annotations
@@ -16,14 +26,18 @@ from tqdm import tqdm
 from anomap.data.dataset import test_samples
 from anomap.data.images import image_size, load_mask
 from anomap.data.transforms import resize_maps, resize_mask
-from anomap.metrics.pro import pro_curve
+from anomap.metrics.pro import pro_curve_exact
 from anomap.metrics.roc import _trapezoid, aupr, auroc, f1max, pixel_auroc, roc_curve
+from anomap.metrics.streaming import DEFAULT_BINS, MapSpool
 from anomap.metrics.threshold import operating_point
 from anomap.types import EvalResult
 
 BATCH = 16
 PRO_LIMIT = 0.3
-IN_MEMORY_BYTES = 1 << 30  # maps larger than this go to a temporary memory-mapped file
+# Exact pixel metrics sort every pixel: about 40 bytes per pixel at the peak. 2**24 pixels (256 test
+# images at 256x256) is ~0.7 GB; larger sets stream (memory independent of the number of images).
+EXACT_PIXEL_LIMIT = 1 << 24
+PIXEL_MODES = ("auto", "exact", "streaming")
 
 
 def _downsample_curve(x: np.ndarray, y: np.ndarray, n: int = 500) -> tuple[list[float], list[float]]:
@@ -33,7 +47,17 @@ def _downsample_curve(x: np.ndarray, y: np.ndarray, n: int = 500) -> tuple[list[
     return [float(v) for v in x], [float(v) for v in y]
 
 
-def evaluate(det: Any, path: str | Path, eval_size: int | None = None, progress: bool = True) -> EvalResult:
+def choose_pixel_mode(pixel_mode: str, n_pixels: int, limit: int | None = None) -> str:
+    """``"exact"`` or ``"streaming"`` for a test set of ``n_pixels`` pixels at the evaluation size."""
+    if pixel_mode not in PIXEL_MODES:
+        raise ValueError(f"pixel_mode={pixel_mode!r} is not known; use one of {', '.join(PIXEL_MODES)}.")
+    if pixel_mode != "auto":
+        return pixel_mode
+    return "exact" if n_pixels <= (EXACT_PIXEL_LIMIT if limit is None else limit) else "streaming"
+
+
+def evaluate(det: Any, path: str | Path, eval_size: int | None = None, progress: bool = True,
+             pixel_mode: str = "auto") -> EvalResult:
     """Score every image of ``path/test`` and compute metrics against the ground truth.
 
     Args:
@@ -41,6 +65,8 @@ def evaluate(det: Any, path: str | Path, eval_size: int | None = None, progress:
         path: MVTec-layout category (``test/good``, ``test/<defect>``, ``ground_truth/<defect>``).
         eval_size: resolution of the pixel metrics (default: the detector's ``eval_size``, 256).
         progress: show a progress bar.
+        pixel_mode: "auto" (exact up to ``EXACT_PIXEL_LIMIT`` pixels, else streaming), "exact" or
+            "streaming" (see the module docstring).
 
     Returns:
         EvalResult with ``metrics`` (image_auroc, pixel_auroc, aupro, image_f1max, image_aupr,
@@ -49,13 +75,15 @@ def evaluate(det: Any, path: str | Path, eval_size: int | None = None, progress:
     samples = test_samples(path)
     e = int(eval_size or det.config.eval_size)
     n = len(samples)
+    mode = choose_pixel_mode(pixel_mode, n * e * e)
+    scores = np.zeros(n, np.float64)
     with tempfile.TemporaryDirectory(prefix="anomap-eval-") as tmp:
-        if n * e * e * 4 > IN_MEMORY_BYTES:
-            maps = np.lib.format.open_memmap(Path(tmp) / "maps.npy", mode="w+", dtype=np.float32, shape=(n, e, e))
+        if mode == "streaming":
+            spool: MapSpool | None = MapSpool(tmp, e)
+            maps = masks = None
         else:
-            maps = np.zeros((n, e, e), np.float32)
-        masks = np.zeros((n, e, e), bool)
-        scores = np.zeros(n, np.float64)
+            spool = None
+            maps, masks = np.zeros((n, e, e), np.float32), np.zeros((n, e, e), bool)
         t0 = time.perf_counter()
         bar = tqdm(total=n, desc="evaluating", unit="img", disable=not progress)
         for i in range(0, n, BATCH):
@@ -63,17 +91,24 @@ def evaluate(det: Any, path: str | Path, eval_size: int | None = None, progress:
             imgs = np.stack([det.prepare(s.path)[0] for s in chunk])
             s, m = det.predict_raw(imgs)
             scores[i:i + len(chunk)] = s
-            maps[i:i + len(chunk)] = resize_maps(m, (e, e))
+            chunk_masks = np.zeros((len(chunk), e, e), bool)
             for j, smp in enumerate(chunk):
                 if smp.mask_path is not None:
-                    mask = load_mask(smp.mask_path, size=image_size(smp.path))
-                    masks[i + j] = resize_mask(mask, e)
+                    chunk_masks[j] = resize_mask(load_mask(smp.mask_path, size=image_size(smp.path)), e)
+            if spool is not None:
+                spool.add(resize_maps(m, (e, e)), chunk_masks)
+            else:
+                maps[i:i + len(chunk)] = resize_maps(m, (e, e))
+                masks[i:i + len(chunk)] = chunk_masks
             bar.update(len(chunk))
         bar.close()
         seconds = time.perf_counter() - t0
-        labels = np.array([s.label for s in samples], np.int64)
-        result = _metrics(det, samples, scores, labels, maps, masks)
-        del maps
+        pixel = _pixel_metrics_streaming(spool) if spool is not None else _pixel_metrics_exact(maps, masks)
+        if spool is not None:
+            spool.remove()
+        del maps, masks
+    labels = np.array([s.label for s in samples], np.int64)
+    result = _metrics(det, samples, scores, labels, pixel)
     result.info.update({
         "dataset": str(Path(path).resolve()),
         "eval_size": e,
@@ -82,20 +117,41 @@ def evaluate(det: Any, path: str | Path, eval_size: int | None = None, progress:
         "n_defect": int((labels == 1).sum()),
         "eval_seconds": round(seconds, 2),
         "ms_per_image_batched": round(1000 * seconds / max(1, n), 2),
+        **pixel["info"],
     })
     return result
 
 
-def _metrics(det: Any, samples, scores, labels, maps, masks) -> EvalResult:
+def _pixel_metrics_exact(maps: np.ndarray, masks: np.ndarray) -> dict[str, Any]:
+    """Exact pixel AUROC and AUPRO (a threshold at every distinct map value); None without defects."""
+    info: dict[str, Any] = {"pixel_metrics_mode": "exact"}
+    if not masks.any():  # no defect pixels at all (e.g. masks are empty): pixel metrics are undefined
+        return {"pixel_auroc": None, "roc": {}, "aupro": None, "pro": {"fpr": [], "pro": []}, "info": info}
+    pix, pix_curve = pixel_auroc(maps, masks, exact_limit=maps.size)
+    pf, pp = pro_curve_exact(maps, masks, fpr_limit=PRO_LIMIT)
+    info.update({"pixel_auroc_max_error": 0.0, "aupro_max_error": 0.0})
+    return {"pixel_auroc": pix, "roc": pix_curve, "aupro": _trapezoid(pp, pf) / PRO_LIMIT,
+            "pro": dict(zip(("fpr", "pro"), _downsample_curve(pf, pp))), "info": info}
+
+
+def _pixel_metrics_streaming(spool: MapSpool) -> dict[str, Any]:
+    """Binned pixel AUROC and AUPRO from the spooled maps, with their error bounds."""
+    info: dict[str, Any] = {"pixel_metrics_mode": "streaming"}
+    if spool.defect_pixels == 0:
+        return {"pixel_auroc": None, "roc": {}, "aupro": None, "pro": {"fpr": [], "pro": []}, "info": info}
+    stream = spool.stream(DEFAULT_BINS)
+    pix, pix_err, pix_curve = stream.pixel_auroc()
+    pf, pp, pro_err = stream.pro_curve(PRO_LIMIT)
+    info.update({"pixel_metrics_bins": stream.bins, "pixel_auroc_max_error": float(f"{pix_err:.3g}"),
+                 "aupro_max_error": float(f"{pro_err:.3g}")})
+    return {"pixel_auroc": pix, "roc": pix_curve, "aupro": float(np.clip(_trapezoid(pp, pf) / PRO_LIMIT, 0, 1)),
+            "pro": dict(zip(("fpr", "pro"), _downsample_curve(pf, pp))), "info": info}
+
+
+def _metrics(det: Any, samples, scores, labels, pixel: dict[str, Any]) -> EvalResult:
     thr = det.calibration.threshold
     f1, _ = f1max(scores, labels)
-    if masks.any():
-        pix, pix_curve = pixel_auroc(maps, masks)
-        pf, pp = pro_curve(maps, masks, fpr_limit=PRO_LIMIT)
-        pro_value = _trapezoid(pp, pf) / PRO_LIMIT
-        pro_c = dict(zip(("fpr", "pro"), _downsample_curve(pf, pp)))
-    else:  # no defect pixels at all (e.g. masks are empty): pixel metrics are undefined
-        pix, pix_curve, pro_value, pro_c = None, {}, None, {"fpr": [], "pro": []}
+    pix, pix_curve, pro_value, pro_c = pixel["pixel_auroc"], pixel["roc"], pixel["aupro"], pixel["pro"]
     fpr, tpr, _ = roc_curve(scores, labels)
     metrics: dict[str, float | None] = {
         "image_auroc": auroc(scores, labels),

@@ -5,6 +5,8 @@ predicted anomalous when ``map >= t``; the PRO is the mean over all regions (of 
 fraction of the region predicted anomalous, and the FPR is the fraction of all normal pixels predicted
 anomalous. The computation streams over images with ``num_thresholds`` fixed thresholds spread evenly
 over the global [min, max] of the maps, so memory stays O(num_thresholds + one image).
+:func:`pro_curve_exact` puts a threshold at every distinct map value instead (exact; memory O(pixels)).
+For test sets too large for memory see :mod:`anomap.metrics.streaming`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from scipy import ndimage
 
 from anomap.metrics.roc import _check_pixel_inputs, _trapezoid
 
-__all__ = ["aupro", "pro_curve"]
+__all__ = ["aupro", "aupro_exact", "pro_curve", "pro_curve_exact", "region_weights"]
 
 _STRUCTURE = np.ones((3, 3), dtype=bool)
 
@@ -46,6 +48,19 @@ def _global_range(maps: np.ndarray) -> tuple[float, float]:
     return lo, hi
 
 
+def region_weights(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """Weight ``1 / |region|`` of each defect pixel of one (H, W) mask, in ``mask``'s C order.
+
+    Regions are 8-connected components. Returns ``(weights, n_regions)``; summing the weights of the
+    pixels above a threshold gives the sum over regions of each region's covered fraction.
+    """
+    if not mask.any():
+        return np.zeros(0, dtype=np.float64), 0
+    labels, count = ndimage.label(mask, structure=_STRUCTURE)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    return 1.0 / sizes[labels[mask]], int(count)
+
+
 def _pro_counts(
     maps: np.ndarray, masks: np.ndarray, thresholds: np.ndarray
 ) -> tuple[np.ndarray, int, np.ndarray, int]:
@@ -70,14 +85,12 @@ def _pro_counts(
         normal = ~mask
         n_normal += int(normal.sum())
         normal_hist += np.bincount(idx[normal], minlength=n_thr)
-        if not mask.any():
+        weights, count = region_weights(mask)
+        if count == 0:
             continue
-        labels, count = ndimage.label(mask, structure=_STRUCTURE)
-        sizes = np.bincount(labels.ravel(), minlength=count + 1)
         n_regions += count
-        region_pixels = labels[mask]
         # Each defect pixel contributes 1 / |its region| to the overlap sum of the thresholds below it.
-        overlap_hist += np.bincount(idx[mask], weights=1.0 / sizes[region_pixels], minlength=n_thr)
+        overlap_hist += np.bincount(idx[mask], weights=weights, minlength=n_thr)
     # Reverse cumulative sums: count of values with idx >= k, i.e. map >= thresholds[k].
     overlap_sum = np.cumsum(overlap_hist[::-1])[::-1]
     normal_above = np.cumsum(normal_hist[::-1])[::-1]
@@ -155,4 +168,71 @@ def aupro(maps: Any, masks: Any, fpr_limit: float = 0.3, num_thresholds: int = 1
         ValueError: If no image has any defect pixel, or the inputs are invalid (see :func:`pro_curve`).
     """
     fprs, pros = pro_curve(maps, masks, fpr_limit=fpr_limit, num_thresholds=num_thresholds)
+    return float(np.clip(_trapezoid(pros, fprs) / fpr_limit, 0.0, 1.0))
+
+
+def pro_curve_exact(maps: Any, masks: Any, fpr_limit: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """Exact PRO curve: one point per distinct map value (pixel anomalous when ``map >= value``).
+
+    Only pixels at or above the threshold where the FPR first reaches ``fpr_limit`` can move the
+    curve below the limit, so just those are sorted (about ``fpr_limit`` of the normal pixels plus the
+    defect pixels). Memory is O(pixels): use it for test sets that fit in memory.
+
+    Args:
+        maps: Float anomaly maps, shape (N, H, W).
+        masks: Bool ground-truth masks, shape (N, H, W).
+        fpr_limit: Largest FPR kept, in (0, 1].
+
+    Returns:
+        ``(fprs, pros)`` as :func:`pro_curve` returns them.
+
+    Raises:
+        ValueError: as :func:`pro_curve`.
+    """
+    maps_arr, masks_arr = _check_inputs(maps, masks, fpr_limit, 2)
+    _global_range(maps_arr)  # rejects non-finite values with the image's index
+    normal_vals: list[np.ndarray] = []
+    defect_vals: list[np.ndarray] = []
+    defect_w: list[np.ndarray] = []
+    n_regions = 0
+    for i in range(maps_arr.shape[0]):
+        values = np.asarray(maps_arr[i])
+        mask = np.asarray(masks_arr[i]).astype(bool)
+        normal_vals.append(values[~mask])
+        weights, count = region_weights(mask)
+        if count:
+            n_regions += count
+            defect_vals.append(values[mask])
+            defect_w.append(weights)
+    if n_regions == 0:
+        raise ValueError("PRO is undefined: no image has any defect pixel in its mask.")
+    normal = np.concatenate(normal_vals)
+    del normal_vals
+    if normal.size == 0:
+        raise ValueError("PRO is undefined: the masks cover every pixel, so there is no normal pixel.")
+    # t_lim: the m-th largest normal value, where m normal pixels first reach fpr_limit. Every
+    # threshold below t_lim has FPR >= fpr_limit, so only values >= t_lim matter.
+    n_normal = normal.size
+    m = max(1, min(n_normal, int(np.ceil(fpr_limit * n_normal))))
+    t_lim = np.partition(normal, n_normal - m)[n_normal - m]
+    normal = normal[normal >= t_lim]
+    dv = np.concatenate(defect_vals)
+    dw = np.concatenate(defect_w)
+    keep = dv >= t_lim
+    values = np.concatenate([normal, dv[keep]])
+    is_normal = np.r_[np.ones(normal.size, dtype=np.float64), np.zeros(int(keep.sum()), dtype=np.float64)]
+    weight = np.r_[np.zeros(normal.size, dtype=np.float64), dw[keep]]
+    order = np.argsort(values, kind="stable")[::-1]
+    values = values[order]
+    ends = np.r_[np.flatnonzero(np.diff(values)), values.size - 1]  # last index of each run of ties
+    fprs = np.r_[0.0, np.cumsum(is_normal[order])[ends] / n_normal]
+    pros = np.r_[0.0, np.cumsum(weight[order])[ends] / n_regions]
+    fprs = np.maximum.accumulate(np.clip(fprs, 0.0, 1.0))
+    pros = np.maximum.accumulate(np.clip(pros, 0.0, 1.0))
+    return _limit_curve(fprs, pros, float(fpr_limit))
+
+
+def aupro_exact(maps: Any, masks: Any, fpr_limit: float = 0.3) -> float:
+    """Area under :func:`pro_curve_exact` up to ``fpr_limit``, divided by ``fpr_limit``."""
+    fprs, pros = pro_curve_exact(maps, masks, fpr_limit=fpr_limit)
     return float(np.clip(_trapezoid(pros, fprs) / fpr_limit, 0.0, 1.0))

@@ -238,6 +238,19 @@ class BinnedROC:
         fps = np.cumsum(self.neg[::-1])
         return np.r_[0.0, fps / n_neg], np.r_[0.0, tps / n_pos]
 
+    def max_error(self) -> float:
+        """Bound on ``|self.auroc() - exact AUROC|``: half the share of positive/negative pairs that
+        share a bin (such a pair counts 1/2 here, and 0, 1/2 or 1 in the exact value).
+
+        Raises:
+            ValueError: If only one class has been seen so far.
+        """
+        n_pos, n_neg = int(self.pos.sum()), int(self.neg.sum())
+        if n_pos == 0 or n_neg == 0:
+            raise ValueError(f"ROC needs both classes, got {n_pos} positive and {n_neg} negative samples.")
+        ties = float(np.dot(self.pos.astype(np.float64), self.neg.astype(np.float64)))
+        return 0.5 * ties / (float(n_pos) * float(n_neg))
+
     def auroc(self) -> float:
         """Area under :meth:`curve` (trapezoid rule).
 
