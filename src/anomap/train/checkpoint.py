@@ -1,12 +1,22 @@
 """Checkpoints as safetensors files: tensors plus a JSON metadata header. Loading never unpickles.
 
-A checkpoint is one ``.safetensors`` file. Its header metadata holds two string entries:
+A checkpoint is one ``.safetensors`` file. Its header metadata holds three string entries:
 
 * ``"anomap"``: the caller's metadata dict as JSON;
-* ``"format_version"``: the integer :data:`FORMAT_VERSION` as a string.
+* ``"format_version"``: the integer :data:`FORMAT_VERSION` as a string;
+* ``"sha256"``: :func:`content_hash` of the tensors and the two entries above (format 2 on).
 
 Writes are atomic: a temp file in the target's directory is written, fsync'ed and renamed over the
 target, so a crash mid-write leaves the previous checkpoint intact.
+
+Integrity: :func:`load_checkpoint` recomputes the hash and rejects a file whose tensors or metadata
+changed after it was written (a flipped bit, an edit, a partial copy) with a :class:`CheckpointError`
+naming the file. The hash detects damage and careless edits; it is not a signature (whoever can
+write the file can recompute it). Files of format 1 (before the hash existed) still load, with an
+:class:`UnverifiedCheckpointWarning`; a format-2 file without a hash is rejected.
+
+Loading never executes code from the file: only ``safetensors`` (raw tensor bytes) and ``json`` read
+it; nothing here imports ``pickle`` or calls ``torch.load``.
 
 Optimiser state (``Optimizer.state_dict()``) is turned into tensors plus a JSON-able structure by
 :func:`flatten_optimizer_state` and restored exactly by :func:`unflatten_optimizer_state`.
@@ -14,23 +24,37 @@ Optimiser state (``Optimizer.state_dict()``) is turned into tensors plus a JSON-
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
-from torch import Tensor
+from torch import Tensor, uint8
 
 from anomap.errors import CheckpointError
 from anomap.fileio import atomic_write_bytes
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds the "sha256" content hash; 1 still loads, unverified, with a warning
+_FIRST_HASHED_VERSION = 2
 
 _META_KEY = "anomap"
 _VERSION_KEY = "format_version"
+_HASH_KEY = "sha256"
+_HASH_DOMAIN = b"anomap-checkpoint-sha256\0"
+_FIX_TAMPERED = ("the file was changed or damaged after anomap wrote it: use an intact copy or retrain "
+                 "(for a .partial training checkpoint, delete it or drop --resume)")
+
+log = logging.getLogger(__name__)
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint written before content hashes existed (format 1) was loaded without verification."""
 _NOT_READABLE = "not a readable anomap checkpoint (truncated or not a safetensors file)"
 _FIX_REWRITE = ("use an intact model file (re-save or copy it again); for a .partial training checkpoint, "
                 "delete it or drop --resume to train from scratch")
@@ -71,6 +95,29 @@ def _prepare(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def content_hash(tensors: dict[str, Tensor], meta_json: str, version: str) -> str:
+    """SHA-256 (hex) over the tensors in name order (name, dtype, shape, raw bytes) and the metadata.
+
+    ``meta_json`` and ``version`` are the header strings exactly as stored. Every part is length-
+    prefixed, so no two different checkpoints hash the same byte stream.
+    """
+    h = hashlib.sha256(_HASH_DOMAIN)
+
+    def part(data: bytes | memoryview) -> None:
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+
+    part(version.encode("utf-8"))
+    part(meta_json.encode("utf-8"))
+    h.update(len(tensors).to_bytes(8, "little"))
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        part(name.encode("utf-8"))
+        part(f"{t.dtype}|{tuple(t.shape)}".encode())
+        part(memoryview(t.reshape(-1).view(uint8).numpy()))
+    return h.hexdigest()
+
+
 def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], metadata: dict) -> Path:
     """Write ``tensors`` and ``metadata`` atomically to ``path`` (parent folders are created).
 
@@ -84,11 +131,13 @@ def save_checkpoint(path: str | Path, tensors: dict[str, Tensor], metadata: dict
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = {
-        _META_KEY: json.dumps(metadata, default=_json_default),
-        _VERSION_KEY: str(FORMAT_VERSION),
-    }
+    meta_json = json.dumps(metadata, default=_json_default)
     prepared = _prepare(tensors)
+    header = {
+        _META_KEY: meta_json,
+        _VERSION_KEY: str(FORMAT_VERSION),
+        _HASH_KEY: content_hash(prepared, meta_json, str(FORMAT_VERSION)),
+    }
     data = save(prepared, metadata=header)
     atomic_write_bytes(path, data)
     _fsync_dir(path.parent)
@@ -150,7 +199,8 @@ def _decode(path: Path, header: dict[str, str]) -> dict:
 
 
 def read_metadata(path: str | Path) -> dict:
-    """The metadata dict of a checkpoint, without loading its tensors."""
+    """The metadata dict of a checkpoint, without loading its tensors (so without the hash check:
+    use :func:`load_checkpoint` before trusting the values)."""
     path = Path(path)
     return _decode(path, _header(path))
 
@@ -163,15 +213,38 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
 
     Raises:
         CheckpointError: the file is missing, truncated, not safetensors, not an anomap checkpoint,
-            or written by a newer format version.
+            written by a newer format version, or its content hash does not match.
+
+    Warns:
+        UnverifiedCheckpointWarning: a format-1 file (no hash) was loaded without verification.
     """
     path = Path(path)
-    meta = _decode(path, _header(path))
+    header = _header(path)
+    meta = _decode(path, header)
     try:
         tensors = load_file(str(path), device="cpu")
     except _READ_ERRORS:
         raise CheckpointError(_NOT_READABLE, path=path, fix=_FIX_REWRITE) from None
+    _verify(path, header, tensors)
     return tensors, meta
+
+
+def _verify(path: Path, header: dict[str, str], tensors: dict[str, Tensor]) -> None:
+    """Check the stored content hash; accept an unhashed format-1 file with a warning."""
+    stored = header.get(_HASH_KEY)
+    version = header.get(_VERSION_KEY, "0")
+    if stored is None:
+        if int(version) >= _FIRST_HASHED_VERSION:
+            raise CheckpointError("has no content hash although its format requires one.",
+                                  path=path, fix=_FIX_TAMPERED)
+        msg = (f"{path}: written before anomap stored content hashes (format {version}); loaded without "
+               "an integrity check. Re-save it (anomap.load(...).save(...)) to add one.")
+        log.warning(msg)
+        warnings.warn(msg, UnverifiedCheckpointWarning, stacklevel=3)
+        return
+    if content_hash(tensors, header[_META_KEY], version) != stored:
+        raise CheckpointError("content hash mismatch: tensors or metadata differ from what was written.",
+                              path=path, fix=_FIX_TAMPERED)
 
 
 # --- optimiser state --------------------------------------------------------------------------------
