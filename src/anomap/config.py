@@ -3,13 +3,45 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any, ClassVar, get_type_hints
 
 import yaml
 
 from anomap.errors import ConfigError
+
+PRESET_NAMES = ("cpu", "paper")
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device(name: Any) -> str:
+    """``name`` if it is a device anomap knows (auto, cpu, cuda, cuda:N, mps), else ConfigError.
+
+    Only the spelling is checked here; whether CUDA is present is checked when the device is used.
+    """
+    text = str(name).strip().lower()
+    if not _DEVICE_RE.fullmatch(text):
+        raise ConfigError(f"device={name!r} is not a device name.", fix=f"use device={DEVICE_CHOICES}")
+    return text
+
+
+def _in_range(key: str, value: float, lo: float | None, hi: float | None, *, lo_open: bool = False,
+              hi_open: bool = False, example: str = "") -> None:
+    """Raise ConfigError naming the valid range when ``value`` is outside it."""
+    too_low = lo is not None and (value <= lo if lo_open else value < lo)
+    too_high = hi is not None and (value >= hi if hi_open else value > hi)
+    if too_low or too_high:
+        left = "any" if lo is None else f"{'(' if lo_open else '['}{lo:g}"
+        right = "any" if hi is None else f"{hi:g}{')' if hi_open else ']'}"
+        where = f"in {left}, {right}" if lo is not None and hi is not None else (
+            f">{'' if lo_open else '='} {lo:g}" if lo is not None else f"<{'' if hi_open else '='} {hi:g}")
+        raise ConfigError(f"{key}={value!r} is out of range: it must be {where}.",
+                          fix=f"e.g. {key}={example}" if example else None)
 
 
 @dataclasses.dataclass
@@ -51,23 +83,33 @@ class MethodConfig:
     SCORING_KEYS: ClassVar[tuple[str, ...]] = ("target_fpr", "eval_size", "device", "num_threads")
 
     def validate(self) -> None:
-        """Raise ConfigError for values that cannot work."""
-        if self.preset not in ("cpu", "paper"):
+        """Raise ConfigError for values that cannot work, naming the valid choices or range."""
+        if self.preset not in PRESET_NAMES:
             raise ConfigError(f"preset={self.preset!r} is not known.", fix="use preset=cpu or preset=paper")
         if self.image_size < 32 or self.image_size % 16:
             raise ConfigError(
                 f"image_size={self.image_size} is not usable.", fix="use a multiple of 16, at least 32"
             )
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction={self.val_fraction} must be in (0, 1).")
-        if not 0.0 < self.target_fpr < 1.0:
-            raise ConfigError(f"target_fpr={self.target_fpr} must be in (0, 1).")
+        _in_range("eval_size", self.eval_size, 16, 4096, example="256")
+        _in_range("max_steps", self.max_steps, 0, None, example="500 (0 = the schedule's length)")
+        _in_range("max_train_seconds", self.max_train_seconds, 0, None, example="900 (0 = no limit)")
+        _in_range("seed", self.seed, 0, 2**63 - 1, example="0")
+        check_device(self.device)
+        _in_range("val_fraction", self.val_fraction, 0, 1, lo_open=True, hi_open=True, example="0.1")
+        _in_range("min_heldout", self.min_heldout, 1, None, example="5")
+        _in_range("target_fpr", self.target_fpr, 0, 1, lo_open=True, hi_open=True, example="0.05")
         if self.select_on not in ("last", "val_loss"):
             raise ConfigError(f"select_on={self.select_on!r} is not known.", fix="use last or val_loss")
+        _in_range("checkpoint_every", self.checkpoint_every, 0, None, example="200 (0 = only at the end)")
+        _in_range("num_threads", self.num_threads, 0, None, example="0 (all cores) or 2")
+
+
+_EXPECT = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a text value",
+           list: "a list such as [1, 2]", tuple: "a list such as [1, 2]", dict: "a mapping such as {a: 1}"}
 
 
 def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key."""
+    """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key and the type."""
     origin = getattr(typ, "__origin__", None)
     try:
         if typ is bool:
@@ -78,14 +120,25 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
                 if low in ("0", "false", "no", "off"):
                     return False
                 raise ValueError(value)
-            return bool(value)
+            if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+                return bool(value)
+            raise ValueError(value)
         if typ is int:
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
+            if isinstance(value, (list, tuple, dict)) or value is None:
+                raise TypeError(value)
             return int(value)
         if typ is float:
-            return float(value)
+            if isinstance(value, (bool, list, tuple, dict)) or value is None:
+                raise TypeError(value)
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError(value)
+            return out
         if typ is str:
+            if isinstance(value, (list, tuple, dict)) or value is None:
+                raise TypeError(value)
             return str(value)
         if origin in (list, tuple):
             if isinstance(value, str):
@@ -101,9 +154,14 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
             if not isinstance(value, dict):
                 raise ValueError(value)
             return dict(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r} is not a valid {getattr(typ, '__name__', typ)}.") from None
+    except (TypeError, ValueError, OverflowError, yaml.YAMLError):
+        name = getattr(typ, "__name__", str(typ))
+        expect = _EXPECT.get(origin or typ)
+        raise ConfigError(f"{key}={value!r} is not a valid {name}.",
+                          fix=f"give {expect}" if expect else None) from None
     if str(typ).startswith("str | None") or str(typ).startswith("typing.Optional[str]"):
+        if isinstance(value, (list, tuple, dict)):
+            raise ConfigError(f"{key}={value!r} is not a valid str.", fix="give a text value (or none)")
         return None if value in (None, "", "none", "None", "null") else str(value)
     return value
 
@@ -117,15 +175,21 @@ def build_config(cls: type, values: dict[str, Any] | None = None) -> Any:
     """Defaults, then the chosen preset's values, then ``values``. Unknown keys raise ConfigError."""
     values = dict(values or {})
     known = fields_of(cls)
-    unknown = sorted(set(values) - set(known))
+    unknown = sorted(set(values) - set(known), key=str)
     if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{close[0]} instead of {key}")
+        guess = f"did you mean {', '.join(hints)}? " if hints else ""
         raise ConfigError(
-            f"unknown config key(s) {', '.join(unknown)} for {cls.__name__}.",
-            fix=f"known keys: {', '.join(sorted(known))}",
+            f"unknown config key(s) {', '.join(map(str, unknown))} for {cls.__name__}.",
+            fix=f"{guess}known keys: {', '.join(sorted(known))}",
         )
     preset = str(values.get("preset", "cpu"))
     merged: dict[str, Any] = {}
-    if preset not in ("cpu", "paper"):
+    if preset not in PRESET_NAMES:
         raise ConfigError(f"preset={preset!r} is not known.", fix="use preset=cpu or preset=paper")
     merged.update(getattr(cls, "PRESETS", {}).get(preset, {}))
     merged.update(values)

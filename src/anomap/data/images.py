@@ -2,10 +2,19 @@
 
 Every image anomap reads goes through :func:`load_image`, so all modes Pillow can produce end up as
 ``uint8`` arrays of shape (H, W, C) with C = 1 (grey) or 3 (colour). Masks go through :func:`load_mask`.
+
+Bad files never crash or hang a caller: a missing, empty, truncated or corrupt file, a file in another
+format with an image extension, and an image over :data:`MAX_PIXELS` (checked from the header, before
+any pixel is decoded: decompression bombs) all raise one :class:`~anomap.errors.ImageError` that names
+the file. Only the raster formats in :data:`DECODERS` are tried (never, e.g., EPS, which would run
+Ghostscript). Pillow's warnings about damaged metadata are silenced; a broken EXIF block is ignored.
+Mode conversions work in bands of rows, so their temporaries stay small for huge images.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import tempfile
 import warnings
@@ -16,8 +25,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from anomap.errors import DataError, ImageError
 
+# Pillow logs some damaged-file findings (e.g. TIFF "More samples per pixel than can be decoded") at
+# ERROR level before raising; without a handler they would reach stderr through logging's last resort.
+# The same finding reaches the user as the ImageError below, so give Pillow's logger a NullHandler.
+logging.getLogger("PIL").addHandler(logging.NullHandler())
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-MAX_PIXELS = 100_000_000
+MAX_PIXELS = 100_000_000  # width x height; read at call time, so it can be changed (tests, services)
+# Pillow decoders tried on a file, whatever its extension (MPO: multi-picture JPEG from cameras).
+DECODERS = ("PNG", "JPEG", "MPO", "BMP", "DIB", "TIFF", "GIF", "WEBP")
+_ROW_BAND = 1024  # rows per band in mode conversions
 
 GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
 _EXIF_ORIENTATION = 0x0112
@@ -36,29 +53,38 @@ def _open(path: str | Path) -> Image.Image:
         raise ImageError("file not found.", path=p, fix="check the path or remove the entry that names it")
     if not p.is_file():
         raise ImageError("is not a file.", path=p, fix="give the path of an image file")
+    limit = int(MAX_PIXELS)
     try:
+        if p.stat().st_size == 0:
+            raise ImageError("is an empty file (0 bytes), not an image.", path=p, fix=_FIX_CORRUPT)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(p)
+            warnings.simplefilter("ignore")  # DecompressionBombWarning, damaged-metadata warnings
+            img = Image.open(p, formats=_decoders())
+    except ImageError:
+        raise
     except Image.DecompressionBombError as exc:
         raise ImageError(
             f"image is too large to decode safely ({exc}).",
             path=p,
-            fix=f"downscale the image below {MAX_PIXELS:,} pixels",
+            fix=f"downscale the image below {limit:,} pixels",
         ) from None
     except UnidentifiedImageError:
+        kind = _signature(p)
+        if kind is not None:
+            raise ImageError(f"starts like a {kind} file but its header cannot be read (truncated or corrupt).",
+                             path=p, fix=_FIX_CORRUPT) from None
         raise ImageError(
-            "is not a readable image (Pillow cannot identify the format).",
+            "is not a readable image (not a PNG, JPEG, BMP or TIFF file).",
             path=p,
             fix=f"convert it to PNG or JPEG, or remove it from the folder (accepted: {', '.join(IMAGE_EXTENSIONS)})",
         ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"cannot be opened as an image ({exc}).", path=p, fix=_FIX_CORRUPT) from None
+    except Exception as exc:  # noqa: BLE001 - a broken header of a known format: any error means the same
+        raise ImageError(f"cannot be opened as an image ({_short(exc)}).", path=p, fix=_FIX_CORRUPT) from None
     w, h = img.size
-    if w * h > MAX_PIXELS:
+    if w * h > limit:
         img.close()
         raise ImageError(
-            f"image is too large ({w}x{h} = {w * h:,} pixels, limit {MAX_PIXELS:,}).",
+            f"image is too large ({w}x{h} = {w * h:,} pixels, limit {limit:,}).",
             path=p,
             fix="downscale the image before giving it to anomap",
         )
@@ -68,19 +94,78 @@ def _open(path: str | Path) -> Image.Image:
     return img
 
 
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"II*\0", "TIFF"),
+               (b"MM\0*", "TIFF"), (b"GIF8", "GIF"), (b"BM", "BMP"))
+
+
+def _signature(path: Path) -> str | None:
+    """The format a file's first bytes announce, if it is one anomap reads."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    return next((name for magic, name in _SIGNATURES if head.startswith(magic)), None)
+
+
+@functools.cache
+def _decoders() -> tuple[str, ...]:
+    """:data:`DECODERS` that this Pillow has (all plugins registered first)."""
+    Image.init()
+    return tuple(f for f in DECODERS if f in Image.OPEN)
+
+
+def _short(exc: object, limit: int = 160) -> str:
+    """One line of at most ``limit`` characters describing an exception."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "..."
+
+
+def _bands(arr: np.ndarray, out_channels: int, fn) -> np.ndarray:
+    """Apply ``fn`` (an array band -> uint8 band) to bands of rows into a new (H, W, out_channels) array."""
+    out = np.empty((arr.shape[0], arr.shape[1], out_channels), dtype=np.uint8)
+    for top in range(0, arr.shape[0], _ROW_BAND):
+        band = fn(arr[top : top + _ROW_BAND])
+        out[top : top + _ROW_BAND] = band.reshape(band.shape[0], band.shape[1], out_channels)
+    return out
+
+
 def _composite_black(arr: np.ndarray) -> np.ndarray:
     """Drop the last (alpha) channel of a uint8 array by compositing over black."""
-    colour = arr[..., :-1].astype(np.uint16)
-    alpha = arr[..., -1:].astype(np.uint16)
-    return ((colour * alpha + 127) // 255).astype(np.uint8)
+
+    def band(a: np.ndarray) -> np.ndarray:
+        colour = a[..., :-1].astype(np.uint16)
+        alpha = a[..., -1:].astype(np.uint16)
+        return ((colour * alpha + 127) // 255).astype(np.uint8)
+
+    return _bands(arr, arr.shape[-1] - 1, band)
+
+
+def _wide_to_u8(arr: np.ndarray) -> np.ndarray:
+    """16-bit (or 32-bit integer) grey: clip to 0..65535, then divide by 257, rounded (exact integers)."""
+
+    def band(a: np.ndarray) -> np.ndarray:
+        v = np.clip(a.astype(np.int64), 0, 65535)
+        return ((v + 128) // 257).astype(np.uint8)  # == rint(v / 257): v / 257 is never exactly x.5
+
+    return _bands(arr if arr.ndim == 3 else arr[:, :, None], 1, band)
 
 
 def _float_to_u8(arr: np.ndarray) -> np.ndarray:
-    """Map float values to uint8: data in [0, 1] is scaled by 255, anything else is clipped to 0..255."""
-    arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-    if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
-        arr = arr * 255.0
-    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+    """Map float values to uint8: NaN and -inf -> 0, +inf -> 255; then data in [0, 1] is scaled by 255,
+    anything else is clipped to 0..255."""
+    arr = np.asarray(arr)
+    finite = np.isfinite(arr)
+    lo = float(np.min(arr, where=finite, initial=np.inf))
+    hi = float(np.max(arr, where=finite, initial=-np.inf))
+    unit = not bool(np.isposinf(arr).any()) and lo >= 0.0 and hi <= 1.0
+    del finite
+
+    def band(a: np.ndarray) -> np.ndarray:
+        v = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        return np.clip(np.rint(v * 255.0 if unit else v), 0, 255).astype(np.uint8)
+
+    return _bands(arr if arr.ndim == 3 else arr[:, :, None], 1, band)
 
 
 def _pil_to_array(img: Image.Image) -> np.ndarray:
@@ -91,10 +176,9 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
     elif mode == "L":
         arr = np.asarray(img)
     elif mode in ("LA", "La"):
-        arr = _composite_black(np.asarray(img.convert("LA")))[..., 0]
+        arr = _composite_black(np.asarray(img.convert("LA")))
     elif mode.startswith("I;16") or mode == "I":
-        raw = np.asarray(img).astype(np.float64)
-        arr = np.clip(np.rint(np.clip(raw, 0, 65535) / 257.0), 0, 255).astype(np.uint8)
+        arr = _wide_to_u8(np.asarray(img))
     elif mode == "F":
         arr = _float_to_u8(np.asarray(img))
     elif mode == "RGB":
@@ -106,6 +190,16 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return np.ascontiguousarray(arr, dtype=np.uint8)
+
+
+def _exif_upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a damaged EXIF block is ignored (as :func:`image_size` does)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return ImageOps.exif_transpose(img) or img
+    except Exception:  # noqa: BLE001 - orientation is optional information
+        return img
 
 
 def _array_to_u8(arr: np.ndarray) -> np.ndarray:
@@ -175,27 +269,45 @@ def load_image(source: str | Path | Image.Image | np.ndarray, channels: int | No
         return _set_channels(_array_to_u8(source), channels)
     if isinstance(source, Image.Image):
         try:
-            source.load()
-            img = ImageOps.exif_transpose(source) or source
-            arr = _pil_to_array(img)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                source.load()
         except Exception as exc:  # noqa: BLE001 - any decoder failure becomes one clear message
-            raise ImageError(
-                f"in-memory image cannot be decoded ({exc}).", fix="pass a valid image"
-            ) from None
-        return _set_channels(arr, channels)
+            raise ImageError(f"in-memory image cannot be decoded ({_short(exc)}).", fix="pass a valid image") from None
+        return _set_channels(_to_array(source, None), channels)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ImageError(f"cannot read an image from a {type(source).__name__}.",
+                         fix="pass a file path, a PIL image or a numpy array")
     path = Path(source)
     with _open(path) as img:
         try:
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            arr = _pil_to_array(img)
-        except ImageError:
-            raise
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                img.load()
+        except MemoryError:
+            raise ImageError("image is too large to decode in the memory available.", path=path,
+                             fix="downscale the image, or lower anomap.data.images.MAX_PIXELS") from None
         except Exception as exc:  # noqa: BLE001 - truncated data raises OSError, others SyntaxError etc.
             raise ImageError(
-                f"image is truncated or corrupt (decoder said: {exc}).", path=path, fix=_FIX_CORRUPT
+                f"image is truncated or corrupt (decoder said: {_short(exc)}).", path=path, fix=_FIX_CORRUPT
             ) from None
+        arr = _to_array(img, path)
     return _set_channels(arr, channels)
+
+
+def _to_array(img: Image.Image, path: Path | None) -> np.ndarray:
+    """EXIF orientation + mode conversion of a decoded image, failures as one ImageError."""
+    img = _exif_upright(img)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _pil_to_array(img)
+    except MemoryError:
+        raise ImageError("image is too large to convert in the memory available.", path=path,
+                         fix="downscale the image") from None
+    except Exception as exc:  # noqa: BLE001 - e.g. a mode Pillow cannot convert to RGB
+        raise ImageError(f"image mode {img.mode} cannot be converted to grey or RGB ({_short(exc)}).",
+                         path=path, fix="convert it to an 8-bit RGB or greyscale PNG") from None
 
 
 def is_grey_file(path: str | Path) -> bool:
@@ -215,7 +327,9 @@ def image_size(path: str | Path) -> tuple[int, int]:
     with _open(path) as img:
         w, h = img.size
         try:
-            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
         except Exception:  # noqa: BLE001 - a broken EXIF block is ignored, as exif_transpose would
             orientation = 1
     if orientation in (5, 6, 7, 8):
