@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip 2>/dev/null || true
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[test,teachers]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(BIN)/pip install -q -e ".[test,teachers]"
 	$(BIN)/python -c "import anomap, torch; print('anomap', anomap.__version__, 'torch', torch.__version__)"
 	touch $@
 

@@ -23,6 +23,11 @@ def test_fit_evaluate_report_predict(tiny_category, tmp_path, capsys):
     for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1max"):
         assert 0.0 <= m[key] <= 1.0
     assert rows.read_text().count("\n") == 1 + 8
+    # a scoring-only change on the saved model (ablations), recalibrated on its held-out normals
+    assert main(["evaluate", "--model", str(model), "--data", str(tiny_category), "--out", str(metrics),
+                 "--set", "image_score=topk_mean", "smoothing_sigma=1", "-q"]) == 0
+    assert json.loads(metrics.read_text())["scoring_overrides"] == {"image_score": "topk_mean", "smoothing_sigma": 1}
+    assert main(["evaluate", "--model", str(model), "--data", str(tiny_category), "--set", "width=8", "-q"]) == 2
     assert main(["report", "--model", str(model), "--data", str(tiny_category), "--out", str(html), "-q"]) == 0
     text = html.read_text()
     assert "data:image/png;base64" in text and "<svg" in text
@@ -30,7 +35,7 @@ def test_fit_evaluate_report_predict(tiny_category, tmp_path, capsys):
     assert main(["predict", "--model", str(model), str(tiny_category / "test"), "--out", str(out_csv),
                  "--overlays", str(ov), "-q"]) == 0
     assert len(list(ov.glob("*_overlay.png"))) == 8
-    assert out_csv.read_text().splitlines()[0] == "path,score,is_anomalous"
+    assert out_csv.read_text().splitlines()[0] == "path,score,is_anomalous,threshold,status,error"
 
 
 def test_roundtrip_in_new_process_gives_identical_predictions(tiny_category, tiny_cfg, tmp_path):

@@ -272,8 +272,13 @@ def test_predict_empty_folder(tmp_path, capsys, trained):
 
 
 def test_predict_truncated_image_names_the_file(tmp_path, capsys, trained):
+    """An unreadable image is skipped, reported on one stderr line and the run exits 1 (not 2)."""
     _, model = trained
     bad = tmp_path / "broken.png"
     write_truncated_png(bad)
-    line = one_line_error(["predict", "--model", model, bad, "-q"], capsys)
+    assert main(["predict", "--model", str(model), str(bad), "-q"]) == 1
+    cap = capsys.readouterr()
+    assert "Traceback" not in cap.err and "Traceback" not in cap.out
+    (line,) = [ln for ln in cap.err.splitlines() if ln.startswith("anomap: skipped")]
     assert str(bad) in line and "truncated" in line and "Fix:" in line
+    assert "SKIPPED" in cap.out and "skipped 1" in cap.err
