@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +20,24 @@ from anomap import __version__
 from anomap.config import build_config, config_to_dict
 from anomap.data.dataset import check_min_size, detect_channels, split_train, train_images
 from anomap.data.images import load_image
+from anomap.data.store import ImageStore, build_store
 from anomap.data.transforms import load_stack, resize_maps, resize_u8, to_channels
-from anomap.errors import CheckpointError, ConfigError, ImageError, NotFittedError
+from anomap.errors import CheckpointError, ConfigError, DataError, ImageError, NotFittedError
 from anomap.methods.base import Method
 from anomap.metrics.threshold import threshold_at_fpr
 from anomap.registry import get_method_class
 from anomap.train.checkpoint import load_checkpoint, save_checkpoint
+from anomap.train.distributed import SINGLE, DistContext, any_rank, session, threads_per_process
 from anomap.train.loop import TrainResult, resolve_device, set_threads, train
 from anomap.types import AnomalyResult, Calibration
 
 PREDICT_BATCH = 16
+# Fit sets that decode to at least this many bytes (x processes on the machine) stream from a disk cache
+# instead of RAM; the environment variable overrides it (0: always stream).
+STREAM_MIN_BYTES = 32 << 20
+STREAM_ENV = "ANOMAP_STREAM_MIN_BYTES"
+# Calibration keeps at most this many map values for its quantiles (a regular pixel grid beyond it).
+MAP_SAMPLE_CAP = 1 << 22  # 16 MB of float32; e.g. 256 held-out maps of 128x128 are used whole
 
 
 class Detector:
@@ -50,6 +63,12 @@ class Detector:
             progress: bool = True) -> Detector:
         """Train on the normal images of ``path`` (MVTec category or a plain folder), then calibrate.
 
+        Started by ``torchrun`` (several processes), every process calls ``fit`` with the same
+        arguments and trains its shard of each global batch; rank 0 alone writes the checkpoint and the
+        model, shows progress and calibrates (docs/scale.md). Large fit sets are decoded once into
+        ``<out>.cache/`` (a temporary folder without ``out``) and streamed from there; it is removed at
+        the end, and reused by ``resume`` after a crash.
+
         Args:
             path: category folder with ``train/good``, or a folder of normal images.
             out: where to save the trained detector; a resumable ``<out>.partial`` checkpoint is kept
@@ -57,34 +76,49 @@ class Detector:
             resume: continue from ``<out>.partial`` if it exists.
             progress: show progress bars.
         """
+        with session(self.config.device) as (ctx, device):
+            return self._fit(path, out=out, resume=resume, progress=progress, ctx=ctx, device=device)
+
+    def _fit(self, path: str | Path, *, out: str | Path | None, resume: bool, progress: bool,
+             ctx: DistContext, device: torch.device) -> Detector:
         cfg = self.config
         t0 = time.perf_counter()
-        set_threads(cfg.num_threads)
-        self.device = resolve_device(cfg.device)
+        set_threads(threads_per_process(cfg.num_threads, ctx))
+        self.device = device
+        progress = progress and ctx.is_main
         paths = train_images(path)
         split = split_train(paths, cfg.val_fraction, cfg.min_heldout, cfg.seed)
         min_side = max(16, cfg.image_size // 4)  # upscaling more than 4x invents the detail the model learns
         check_min_size(paths, min_side, fix=f"remove the image, or lower image_size (now {cfg.image_size}): "
                        "images need at least image_size/4 and 16 px per side")
         self.channels = detect_channels(paths)
-        size = cfg.image_size
-        fit_imgs = load_stack(split.fit, size, self.channels, progress=progress, desc="loading fit images")
-        held_imgs = load_stack(split.heldout, size, self.channels, progress=False)
+        fit_imgs, held_imgs, cache = _load_images(split.fit, split.heldout, cfg.image_size, self.channels,
+                                                  out, progress, ctx, device)
+        done = False
+        try:
+            torch.manual_seed(cfg.seed)
+            cls = get_method_class(self.method_name)
+            self.model = cls(cfg, self.channels).to(self.device)
+            self.model.prepare_fit(fit_imgs)
 
-        torch.manual_seed(cfg.seed)
-        cls = get_method_class(self.method_name)
-        self.model = cls(cfg, self.channels).to(self.device)
-        self.model.prepare_fit(fit_imgs)
-
-        eval_fn = self._val_loss_fn(held_imgs, fit_imgs) if cfg.select_on == "val_loss" else None
-        ckpt = None if out is None else Path(str(out) + ".partial")
-        result: TrainResult = train(
-            self.model, fit_imgs, seed=cfg.seed, device=self.device, ckpt_path=ckpt, resume=resume,
-            checkpoint_every=cfg.checkpoint_every, max_seconds=cfg.max_train_seconds, progress=progress,
-            eval_fn=eval_fn, eval_every=max(1, cfg.checkpoint_every // 2) if eval_fn else 0,
-            extra_meta={"method": self.method_name, "config": config_to_dict(cfg)},
-        )
-        self.calibrate(held_imgs)
+            eval_fn = self._val_loss_fn(np.asarray(held_imgs), fit_imgs) if cfg.select_on == "val_loss" else None
+            ckpt = None if out is None else Path(str(out) + ".partial")
+            result: TrainResult = train(
+                self.model, fit_imgs, seed=cfg.seed, device=self.device, ckpt_path=ckpt, resume=resume,
+                checkpoint_every=cfg.checkpoint_every, max_seconds=cfg.max_train_seconds, progress=progress,
+                eval_fn=eval_fn, eval_every=max(1, cfg.checkpoint_every // 2) if eval_fn else 0,
+                extra_meta={"method": self.method_name, "config": config_to_dict(cfg)}, dist=ctx,
+            )
+            if not ctx.is_main:  # rank 0 calibrates and saves; this process's weights are the same
+                self.info = {"rank": ctx.rank, "processes": ctx.world_size, "steps": result.steps,
+                             "train_seconds": round(result.seconds, 2), "device": str(self.device)}
+                done = True
+                return self
+            self.calibrate(held_imgs)
+            done = True
+        finally:  # after an error, the cache under <out> is kept for --resume
+            if cache is not None and (out is None or (done and ctx.is_local_main)):
+                shutil.rmtree(cache, ignore_errors=True)
         self.info = {
             "dataset": str(Path(path).resolve()),
             "n_fit": len(split.fit),
@@ -99,6 +133,8 @@ class Detector:
             "final_loss": result.history[-1]["loss"] if result.history else None,
             "device": str(self.device),
         }
+        if ctx.enabled:
+            self.info["processes"] = ctx.world_size
         if out is not None:
             self.save(out)
             if ckpt is not None and ckpt.exists():
@@ -122,17 +158,30 @@ class Detector:
 
         return fn
 
-    def calibrate(self, heldout: np.ndarray) -> Calibration:
-        """Threshold and map statistics from held-out normal images, uint8 (N, S, S, C)."""
+    def calibrate(self, heldout: np.ndarray | ImageStore) -> Calibration:
+        """Threshold and map statistics from held-out normal images, uint8 (N, S, S, C), in bounded memory.
+
+        The method's ``calibrate`` gets the images as :class:`TensorBatches` (``len`` and slices that
+        give float tensors). The map quantiles use every pixel while N x S x S <= ``MAP_SAMPLE_CAP``,
+        else every k-th row and column of each map (a regular grid of about that many values).
+        """
         model = self._require_model()
         model.eval()
-        model.calibrate(Method.to_tensor(heldout, self.device))
-        scores, maps = self.predict_raw(heldout)
+        model.calibrate(TensorBatches(heldout, self.device))
+        s = self.config.image_size
+        k = max(1, math.ceil(math.sqrt(len(heldout) * s * s / MAP_SAMPLE_CAP)))
+        score_parts, value_parts = [np.zeros(0, np.float32)], [np.zeros(0, np.float32)]
+        for batch_scores, batch_maps in self._predict_batches(heldout):
+            score_parts.append(batch_scores)
+            value_parts.append(np.ascontiguousarray(batch_maps[:, ::k, ::k]).ravel())
+        scores, values = np.concatenate(score_parts), np.concatenate(value_parts)
+        if not len(values):
+            values = np.zeros(1, np.float32)
         self.calibration = Calibration(
             threshold=threshold_at_fpr(scores, self.config.target_fpr),
             target_fpr=self.config.target_fpr,
-            map_scale=float(np.quantile(maps, 0.999)),
-            map_low=float(np.quantile(maps, 0.5)),
+            map_scale=float(np.quantile(values, 0.999)),
+            map_low=float(np.quantile(values, 0.5)),
             n_heldout=len(scores),
             heldout_scores=[float(s) for s in scores],
         )
@@ -178,17 +227,24 @@ class Detector:
     @torch.no_grad()
     def predict_raw(self, images: np.ndarray, batch_size: int = PREDICT_BATCH) -> tuple[np.ndarray, np.ndarray]:
         """Raw scores (N,) and maps (N, S, S) for uint8 images (N, S, S, C) already at the working size."""
-        model = self._require_model()
-        model.eval()
         scores, maps = [], []
-        for i in range(0, len(images), batch_size):
-            x = Method.to_tensor(images[i:i + batch_size], self.device)
-            s, m = model.predict(x)
-            scores.append(s.float().cpu().numpy())
-            maps.append(m.float().cpu().numpy())
+        for s, m in self._predict_batches(images, batch_size):
+            scores.append(s)
+            maps.append(m)
         if not scores:
             return np.zeros(0, np.float32), np.zeros((0, self.config.image_size, self.config.image_size), np.float32)
         return np.concatenate(scores), np.concatenate(maps)
+
+    @torch.no_grad()
+    def _predict_batches(self, images: np.ndarray | ImageStore,
+                         batch_size: int = PREDICT_BATCH) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Raw scores (b,) and maps (b, S, S) batch by batch, so that a caller can keep what it needs."""
+        model = self._require_model()
+        model.eval()
+        for i in range(0, len(images), batch_size):
+            x = Method.to_tensor(images[i:i + batch_size], self.device)
+            s, m = model.predict(x)
+            yield s.float().cpu().numpy(), m.float().cpu().numpy()
 
     def prepare(self, image: Any) -> tuple[np.ndarray, tuple[int, int]]:
         """One image (path, PIL image or array) -> uint8 (S, S, C) at the working size, original (H, W)."""
@@ -300,3 +356,76 @@ def create(method: str, **config: Any) -> Detector:
 def load(path: str | Path, device: str | None = None) -> Detector:
     """A trained detector from a file written by ``Detector.save`` (no pickle, no code execution)."""
     return Detector.load(path, device=device)
+
+
+class TensorBatches:
+    """uint8 images (N, S, S, C) seen as float tensors (N, C, S, S) in [0, 1], converted slice by slice.
+
+    What ``Method.calibrate`` receives: ``len(x)``, ``x.shape`` and ``x[i:j]`` (a tensor on the device)
+    work without holding all images as floats; ``x.to(device)`` converts all of them at once.
+    """
+
+    def __init__(self, images: np.ndarray | ImageStore, device: torch.device):
+        self.images = images
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        n, h, w, c = self.images.shape
+        return (n, c, h, w)
+
+    def __getitem__(self, key: Any) -> Tensor:
+        rows = self.images[key]
+        return Method.to_tensor(rows if rows.ndim == 4 else rows[None], self.device)
+
+    def to(self, device: torch.device | str) -> Tensor:
+        return Method.to_tensor(self.images[:], device)
+
+
+def _stream_min_bytes() -> int:
+    raw = os.environ.get(STREAM_ENV, "")
+    try:
+        return int(raw) if raw else STREAM_MIN_BYTES
+    except ValueError:
+        raise ConfigError(f"{STREAM_ENV}={raw!r} is not a number of bytes.", fix="use an integer, e.g. 0") from None
+
+
+def _load_images(fit: list[Path], heldout: list[Path], size: int, channels: int, out: str | Path | None,
+                 progress: bool, ctx: DistContext = SINGLE,
+                 device: torch.device | None = None) -> tuple[Any, Any, Path | None]:
+    """Fit and held-out images: in RAM when small, else rows of one disk cache (streamed).
+
+    Returns (fit images, held-out images, cache folder or None). The cache goes to ``<out>.cache``,
+    where the node's first process builds it while the others wait; without ``out`` each process
+    builds its own in a temporary folder.
+    """
+    decoded = (len(fit) + len(heldout)) * size * size * channels
+    if decoded * ctx.local_world_size < _stream_min_bytes():
+        return (load_stack(fit, size, channels, progress=progress, desc="loading fit images"),
+                load_stack(heldout, size, channels, progress=False), None)
+    shared = out is not None
+    cache = Path(str(out) + ".cache") if shared else Path(tempfile.mkdtemp(prefix="anomap-cache-"))
+    paths = [*fit, *heldout]
+    store: ImageStore | None = None
+    error: Exception | None = None
+    try:
+        if ctx.is_local_main or not shared:
+            try:
+                store = build_store(paths, (size, size), channels, cache, progress=progress,
+                                    desc="caching fit images")
+            except Exception as e:  # noqa: BLE001 - re-raised below, once every process knows
+                error = e
+        # a collective: the other processes wait here for the cache (and learn about a failure)
+        if any_rank(error is not None, ctx, device or torch.device("cpu")):
+            raise error or DataError("building the image cache failed in another process.", path=cache,
+                                     fix="see the error of the first process of this machine")
+        if store is None:
+            store = build_store(paths, (size, size), channels, cache)  # finished by another process: opens it
+    except BaseException:
+        if not shared:
+            shutil.rmtree(cache, ignore_errors=True)
+        raise
+    return store.rows(0, len(fit)), store.rows(len(fit), len(store)), cache

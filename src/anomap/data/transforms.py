@@ -164,5 +164,10 @@ def load_stack(
 
         iterator = tqdm(paths, desc=desc, unit="img", leave=False)
     for i, p in enumerate(iterator):
-        out[i] = resize_u8(load_image(p, channels=channels), (h, w))
+        out[i] = load_resized(p, (h, w), channels)
     return out
+
+
+def load_resized(path: str | Path, size: int | tuple[int, int], channels: int) -> np.ndarray:
+    """One image file -> uint8 (size_h, size_w, channels): what :func:`load_stack` stores per row."""
+    return resize_u8(load_image(path, channels=channels), _hw(size))

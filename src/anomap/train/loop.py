@@ -8,6 +8,10 @@ loss (``training_step``) and steps the optimiser.
 Determinism: batch indices are a pure function of (seed, stage, step); the method's random numbers
 come from one numpy Generator and torch's global RNG, both seeded from ``seed`` and both stored in
 checkpoints, so a resumed run ends with exactly the weights of an uninterrupted one (on CPU).
+
+Several processes (torchrun, ``dist``): every rank draws the same global batch and keeps its slice
+(:mod:`anomap.train.distributed`); DDP averages the gradients; rank 0 alone writes checkpoints, shows
+the bar and runs ``eval_fn``; decisions that end training are taken by all ranks together.
 """
 
 from __future__ import annotations
@@ -33,6 +37,19 @@ from anomap.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     unflatten_optimizer_state,
+)
+from anomap.train.distributed import (
+    SINGLE,
+    DistContext,
+    any_rank,
+    data_parallel,
+    gather_objects,
+    mean_scalars,
+    rank_seed,
+    run_on_main,
+    shard,
+    shard_batch,
+    sync_batchnorm,
 )
 
 log = logging.getLogger(__name__)
@@ -158,6 +175,7 @@ def train(
     eval_fn: Callable[[], float] | None = None,
     eval_every: int = 0,
     extra_meta: dict | None = None,
+    dist: DistContext = SINGLE,
 ) -> TrainResult:
     """Train ``method`` (already on ``device``) on uint8 images (N, H, W, C) through all its stages.
 
@@ -175,6 +193,8 @@ def train(
         eval_fn: validation loss (lower is better), called under ``torch.no_grad()`` in eval mode
             every ``eval_every`` steps of the last stage and at its end; the best weights are kept.
         extra_meta: stored in checkpoints; its "method" and "config" must match on resume.
+        dist: this process's place in a torchrun job (default: one process). Every rank calls
+            ``train`` with the same arguments; the global batch is each stage's batch size.
 
     Returns:
         A TrainResult; the method is left in eval mode.
@@ -182,6 +202,7 @@ def train(
     Raises:
         AnomapError: the loss became nan/inf (the last checkpoint is left as it was).
         CheckpointError: the checkpoint to resume from is unreadable or belongs to another run.
+        ConfigError: the number of processes does not divide a stage's batch size.
     """
     n = len(images)
     if n == 0:
@@ -191,9 +212,11 @@ def train(
     max_steps = int(getattr(getattr(method, "config", None), "max_steps", 0) or 0)
     extra_meta = dict(extra_meta or {})
     ckpt_path = None if ckpt_path is None else Path(ckpt_path)
+    for s in stages:
+        shard(s.batch_size, dist)  # fail before any work when the processes do not divide a batch
 
     # --- seeds, then (maybe) the state to resume from --------------------------------------------
-    torch.manual_seed(seed)
+    torch.manual_seed(rank_seed(seed, dist.rank))  # same as one process on rank 0
     rng = np.random.default_rng(seed)
     history: list[dict] = []
     steps_done = {name: 0 for name in planned}
@@ -205,9 +228,16 @@ def train(
     best_step: int | None = None
     best_value = math.inf
 
-    if resume and ckpt_path is not None and ckpt_path.is_file():
-        saved, saved_meta = load_checkpoint(ckpt_path)
-        _check_compatible(saved_meta, extra_meta, planned, n, ckpt_path)
+    def load_resumable() -> tuple[dict[str, Tensor], dict] | None:
+        if not (resume and ckpt_path is not None and ckpt_path.is_file()):
+            return None
+        tensors, meta = load_checkpoint(ckpt_path)
+        _check_compatible(meta, extra_meta, planned, n, ckpt_path)
+        return tensors, meta
+
+    loaded = run_on_main(load_resumable, dist)  # rank 0 reads the file; every rank gets its contents
+    if loaded is not None:
+        saved, saved_meta = loaded
         start_stage, start_step = int(saved_meta["stage_index"]), int(saved_meta["step"])
         if start_stage >= len(stages) or stages[start_stage].name != saved_meta["stage"]:
             raise CheckpointError("its stages do not match this method.", path=ckpt_path, fix="delete it")
@@ -219,17 +249,23 @@ def train(
         if saved_meta.get("best_step") is not None:
             best_step, best_value = int(saved_meta["best_step"]), float(saved_meta["best_value"])
             best_state = {k[5:]: v for k, v in saved.items() if k.startswith("best.")}
-        log.info("resuming from %s at stage %s step %d", ckpt_path, saved_meta["stage"], saved_meta["step"])
-    elif resume:
+        if dist.is_main:
+            log.info("resuming from %s at stage %s step %d", ckpt_path, saved_meta["stage"], saved_meta["step"])
+    elif resume and dist.is_main:
         log.warning("resume requested but no checkpoint at %s; training from scratch", ckpt_path)
 
     def restore() -> None:
         """Load model weights and RNG states from the checkpoint resumed from."""
         assert saved is not None
         method.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")})
-        torch.set_rng_state(saved["rng.torch"])
-        if "rng.cuda" in saved and device.type == "cuda":
-            torch.cuda.set_rng_state(saved["rng.cuda"], device)
+        suffix = "" if dist.rank == 0 else f".rank{dist.rank}"
+        if f"rng.torch{suffix}" in saved:
+            torch.set_rng_state(saved[f"rng.torch{suffix}"])
+            if f"rng.cuda{suffix}" in saved and device.type == "cuda":
+                torch.cuda.set_rng_state(saved[f"rng.cuda{suffix}"], device)
+        else:  # written by fewer processes: this rank's torch stream restarts (batches are unaffected)
+            log.warning("checkpoint has no torch RNG state for rank %d; reseeding it", dist.rank)
+            torch.manual_seed(rank_seed(seed + 1 + int(saved_meta["step"]), dist.rank))
         rng.bit_generator.state = saved_meta["numpy_rng"]
 
     t0 = time.monotonic()
@@ -241,12 +277,18 @@ def train(
         """Write everything needed to continue at ``step`` of stage ``stage_index``."""
         if ckpt_path is None:
             return
+        cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        rng_states = gather_objects((torch.get_rng_state(), cuda_state), dist)  # a collective: all ranks
+        if not dist.is_main:
+            return
         tensors = {f"model.{k}": v for k, v in method.state_dict().items()}
         opt_tensors, opt_meta = flatten_optimizer_state(opt.state_dict())
         tensors.update(opt_tensors)
-        tensors["rng.torch"] = torch.get_rng_state()
-        if device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+        for r, (cpu_state, gpu_state) in enumerate(rng_states):
+            suffix = "" if r == 0 else f".rank{r}"
+            tensors[f"rng.torch{suffix}"] = cpu_state
+            if gpu_state is not None:
+                tensors[f"rng.cuda{suffix}"] = gpu_state
         if best_state is not None:
             tensors.update({f"best.{k}": v for k, v in best_state.items()})
         stage = stages[stage_index]
@@ -270,6 +312,8 @@ def train(
             "best_step": best_step,
             "best_value": None if best_step is None else best_value,
         }
+        if dist.enabled:
+            meta["world_size"] = dist.world_size
         save_checkpoint(ckpt_path, tensors, meta)
 
     # --- stages ------------------------------------------------------------------------------------
@@ -290,59 +334,64 @@ def train(
             opt.load_state_dict(unflatten_optimizer_state(saved, saved_meta["optimizer"]))
         is_last = si == len(stages) - 1
         step = start_step if resuming_here and not restore_before_stage else 0
-        bar = tqdm(total=stage.steps, initial=step, desc=stage.name, disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=stage.steps, initial=step, desc=stage.name, disable=not (progress and dist.is_main),
+                   dynamic_ncols=True)
         window: list[float] = []
         last_eval = -1
+        evaluates = eval_fn is not None and is_last and dist.is_main
 
-        while step < stage.steps:
-            total = sum(steps_done.values())
-            if max_steps > 0 and total >= max_steps:
-                stopped_by = "max_steps"
-                break
-            if max_seconds > 0 and total > 0 and elapsed() > max_seconds:
-                stopped_by = "time_budget"
-                break
+        with sync_batchnorm(method, dist), data_parallel(method, opt, dist, device) as step_fn:
+            while step < stage.steps:
+                total = sum(steps_done.values())
+                if max_steps > 0 and total >= max_steps:
+                    stopped_by = "max_steps"
+                    break
+                if max_seconds > 0 and any_rank(total > 0 and elapsed() > max_seconds, dist, device):
+                    stopped_by = "time_budget"
+                    break
 
-            factor = stage.lr_factor(step)
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * factor
-            idx = batch_indices(n, stage.batch_size, seed, si, step)
-            batch = method.make_batch(images[idx], rng, images)
-            batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+                factor = stage.lr_factor(step)
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * factor
+                idx = batch_indices(n, stage.batch_size, seed, si, step)
+                batch = method.make_batch(images[idx], rng, images)  # the global batch, on every rank
+                batch = shard_batch(batch, stage.batch_size, dist)  # this rank's rows
+                batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
-            method.train()
-            out = method.training_step(batch, step)
-            loss = out["loss"]
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                bar.close()
-                raise AnomapError(
-                    f"training diverged: loss is {value} at stage {stage.name} step {step}",
-                    fix="lower lr or check the images",
-                )
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            steps_done[stage.name] = step
+                method.train()
+                out = step_fn(batch, step)
+                loss = out["loss"]
+                value = mean_scalars({"loss": float(loss.detach())}, dist, device)["loss"]
+                if not math.isfinite(value):
+                    bar.close()
+                    raise AnomapError(
+                        f"training diverged: loss is {value} at stage {stage.name} step {step}",
+                        fix="lower lr or check the images",
+                    )
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                steps_done[stage.name] = step
 
-            window.append(value)
-            lr = float(opt.param_groups[0]["lr"])
-            bar.set_postfix(loss=f"{sum(window) / len(window):.4g}", lr=f"{lr:.3g}", refresh=False)
-            bar.update(1)
-            if log_every > 0 and (step % log_every == 0 or step == stage.steps):
-                entry = {**_scalars(out), "loss": sum(window) / len(window)}
-                history.append({**entry, "stage": stage.name, "step": step, "lr": lr, "elapsed": elapsed()})
-                window = []
+                window.append(value)
+                lr = float(opt.param_groups[0]["lr"])
+                bar.set_postfix(loss=f"{sum(window) / len(window):.4g}", lr=f"{lr:.3g}", refresh=False)
+                bar.update(1)
+                if log_every > 0 and (step % log_every == 0 or step == stage.steps):
+                    entry = {**mean_scalars(_scalars(out), dist, device), "loss": sum(window) / len(window)}
+                    history.append({**entry, "stage": stage.name, "step": step, "lr": lr, "elapsed": elapsed()})
+                    window = []
 
-            if eval_fn is not None and is_last and ((eval_every > 0 and step % eval_every == 0) or step == stage.steps):
-                last_eval = step
-                best_state, best_step, best_value = _evaluate(method, eval_fn, step, best_state, best_step, best_value)
-            if checkpoint_every > 0 and step % checkpoint_every == 0 and step < stage.steps:
-                save(si, step, opt)
+                if evaluates and ((eval_every > 0 and step % eval_every == 0) or step == stage.steps):
+                    last_eval = step
+                    best_state, best_step, best_value = _evaluate(method, eval_fn, step, best_state, best_step,
+                                                                  best_value)
+                if checkpoint_every > 0 and step % checkpoint_every == 0 and step < stage.steps:
+                    save(si, step, opt)
 
         bar.close()
-        if eval_fn is not None and is_last and stopped_by != "schedule" and last_eval != step and step > 0:
+        if evaluates and stopped_by != "schedule" and last_eval != step and step > 0:
             best_state, best_step, best_value = _evaluate(method, eval_fn, step, best_state, best_step, best_value)
         save(si, step, opt)
         if stopped_by != "schedule":
