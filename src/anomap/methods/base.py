@@ -118,7 +118,11 @@ class Method(nn.Module):
 
     # --- scoring --------------------------------------------------------------------------------
     def calibrate(self, heldout: Tensor) -> None:
-        """Optional statistics from held-out normal images, float (N, C, H, W) in [0, 1]."""
+        """Optional statistics from held-out normal images, float (N, C, H, W) in [0, 1].
+
+        ``heldout`` is tensor-like (``anomap.detector.TensorBatches``): ``len``, ``.shape`` and slices
+        ``heldout[i:j]`` (float tensors on the model's device), converted batch by batch.
+        """
 
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Raw image scores (B,) and anomaly maps (B, h, w) for float images (B, C, H, W) in [0, 1]."""
