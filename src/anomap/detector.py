@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,22 +18,25 @@ from anomap import __version__
 from anomap.config import build_config, config_to_dict
 from anomap.data.dataset import check_min_size, detect_channels, split_train, train_images
 from anomap.data.images import load_image
-from anomap.data.store import ImageStore, build_store
+from anomap.data.store import ImageStore
 from anomap.data.transforms import load_stack, resize_maps, resize_u8, to_channels
-from anomap.errors import CheckpointError, ConfigError, DataError, ImageError, NotFittedError
+from anomap.errors import CheckpointError, ConfigError, ImageError, NotFittedError
+from anomap.fit_images import (
+    STREAM_ENV,  # noqa: F401  (re-exported: defined here before)
+    STREAM_MIN_BYTES,  # noqa: F401  (re-exported: defined here before)
+    TensorBatches,
+    load_fit_images,
+)
 from anomap.methods.base import Method
 from anomap.metrics.threshold import threshold_at_fpr
 from anomap.registry import get_method_class
 from anomap.train.checkpoint import load_checkpoint, save_checkpoint
-from anomap.train.distributed import SINGLE, DistContext, any_rank, session, threads_per_process
-from anomap.train.loop import TrainResult, resolve_device, set_threads, train
+from anomap.train.distributed import DistContext, session, threads_per_process
+from anomap.train.loop import TrainResult, train
+from anomap.train.runtime import resolve_device, set_threads
 from anomap.types import AnomalyResult, Calibration
 
 PREDICT_BATCH = 16
-# Fit sets that decode to at least this many bytes (x processes on the machine) stream from a disk cache
-# instead of RAM; the environment variable overrides it (0: always stream).
-STREAM_MIN_BYTES = 32 << 20
-STREAM_ENV = "ANOMAP_STREAM_MIN_BYTES"
 # Calibration keeps at most this many map values for its quantiles (a regular pixel grid beyond it).
 MAP_SAMPLE_CAP = 1 << 22  # 16 MB of float32; e.g. 256 held-out maps of 128x128 are used whole
 
@@ -92,8 +93,8 @@ class Detector:
         check_min_size(paths, min_side, fix=f"remove the image, or lower image_size (now {cfg.image_size}): "
                        "images need at least image_size/4 and 16 px per side")
         self.channels = detect_channels(paths)
-        fit_imgs, held_imgs, cache = _load_images(split.fit, split.heldout, cfg.image_size, self.channels,
-                                                  out, progress, ctx, device)
+        fit_imgs, held_imgs, cache = load_fit_images(split.fit, split.heldout, cfg.image_size, self.channels,
+                                                     out, progress, ctx, device)
         done = False
         try:
             torch.manual_seed(cfg.seed)
@@ -357,75 +358,3 @@ def load(path: str | Path, device: str | None = None) -> Detector:
     """A trained detector from a file written by ``Detector.save`` (no pickle, no code execution)."""
     return Detector.load(path, device=device)
 
-
-class TensorBatches:
-    """uint8 images (N, S, S, C) seen as float tensors (N, C, S, S) in [0, 1], converted slice by slice.
-
-    What ``Method.calibrate`` receives: ``len(x)``, ``x.shape`` and ``x[i:j]`` (a tensor on the device)
-    work without holding all images as floats; ``x.to(device)`` converts all of them at once.
-    """
-
-    def __init__(self, images: np.ndarray | ImageStore, device: torch.device):
-        self.images = images
-        self.device = device
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        n, h, w, c = self.images.shape
-        return (n, c, h, w)
-
-    def __getitem__(self, key: Any) -> Tensor:
-        rows = self.images[key]
-        return Method.to_tensor(rows if rows.ndim == 4 else rows[None], self.device)
-
-    def to(self, device: torch.device | str) -> Tensor:
-        return Method.to_tensor(self.images[:], device)
-
-
-def _stream_min_bytes() -> int:
-    raw = os.environ.get(STREAM_ENV, "")
-    try:
-        return int(raw) if raw else STREAM_MIN_BYTES
-    except ValueError:
-        raise ConfigError(f"{STREAM_ENV}={raw!r} is not a number of bytes.", fix="use an integer, e.g. 0") from None
-
-
-def _load_images(fit: list[Path], heldout: list[Path], size: int, channels: int, out: str | Path | None,
-                 progress: bool, ctx: DistContext = SINGLE,
-                 device: torch.device | None = None) -> tuple[Any, Any, Path | None]:
-    """Fit and held-out images: in RAM when small, else rows of one disk cache (streamed).
-
-    Returns (fit images, held-out images, cache folder or None). The cache goes to ``<out>.cache``,
-    where the node's first process builds it while the others wait; without ``out`` each process
-    builds its own in a temporary folder.
-    """
-    decoded = (len(fit) + len(heldout)) * size * size * channels
-    if decoded * ctx.local_world_size < _stream_min_bytes():
-        return (load_stack(fit, size, channels, progress=progress, desc="loading fit images"),
-                load_stack(heldout, size, channels, progress=False), None)
-    shared = out is not None
-    cache = Path(str(out) + ".cache") if shared else Path(tempfile.mkdtemp(prefix="anomap-cache-"))
-    paths = [*fit, *heldout]
-    store: ImageStore | None = None
-    error: Exception | None = None
-    try:
-        if ctx.is_local_main or not shared:
-            try:
-                store = build_store(paths, (size, size), channels, cache, progress=progress,
-                                    desc="caching fit images")
-            except Exception as e:  # noqa: BLE001 - re-raised below, once every process knows
-                error = e
-        # a collective: the other processes wait here for the cache (and learn about a failure)
-        if any_rank(error is not None, ctx, device or torch.device("cpu")):
-            raise error or DataError("building the image cache failed in another process.", path=cache,
-                                     fix="see the error of the first process of this machine")
-        if store is None:
-            store = build_store(paths, (size, size), channels, cache)  # finished by another process: opens it
-    except BaseException:
-        if not shared:
-            shutil.rmtree(cache, ignore_errors=True)
-        raise
-    return store.rows(0, len(fit)), store.rows(len(fit), len(store)), cache

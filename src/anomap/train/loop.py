@@ -16,10 +16,8 @@ the bar and runs ``eval_fn``; decisions that end training are taken by all ranks
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from anomap.errors import AnomapError, CheckpointError, ConfigError
+from anomap.errors import AnomapError, CheckpointError
 from anomap.train.checkpoint import (
     flatten_optimizer_state,
     load_checkpoint,
@@ -51,50 +49,16 @@ from anomap.train.distributed import (
     shard_batch,
     sync_batchnorm,
 )
+from anomap.train.resume import (
+    RUNTIME_KEYS,  # noqa: F401  (re-exported: defined here before)
+    check_compatible,
+)
+from anomap.train.runtime import (
+    resolve_device,  # noqa: F401  (re-exported: defined here before)
+    set_threads,  # noqa: F401  (re-exported: defined here before)
+)
 
 log = logging.getLogger(__name__)
-
-# Config keys that only control how a run executes; changing them does not invalidate a checkpoint.
-RUNTIME_KEYS = frozenset({"max_train_seconds", "device", "num_threads", "checkpoint_every"})
-
-
-def set_threads(n: int = 0) -> int:
-    """Set torch's intra-op threads; ``n == 0`` means all usable cores (at most 16). Returns n."""
-    if n <= 0:
-        try:
-            n = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            n = os.cpu_count() or 1
-        n = max(1, min(n, 16))
-    torch.set_num_threads(n)
-    return n
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> cuda when available else cpu; a device that is not available -> ConfigError."""
-    name = str(name).strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device={name!r} is not a device name.", fix="use device=cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"device={name!r} but this torch has no usable CUDA.",
-                fix="use device=cpu or install a CUDA build of torch",
-            )
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist.",
-                fix="use device=cuda:0 or device=auto",
-            )
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device={name!r} is not available here.", fix="use device=cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device={name!r} is not supported.", fix="use device=cpu, cuda, cuda:N or auto")
-    return dev
 
 
 @dataclass
@@ -136,28 +100,6 @@ def batch_indices(n: int, batch_size: int, seed: int, stage_index: int, step: in
 def _scalars(out: dict[str, Any]) -> dict[str, float]:
     """Loggable scalar entries of a training_step output."""
     return {k: float(v.detach()) for k, v in out.items() if isinstance(v, Tensor) and v.numel() == 1}
-
-
-def _check_compatible(meta: dict, extra_meta: dict, planned: dict[str, int], n: int, path: Path) -> None:
-    """Refuse to resume from a checkpoint of another method, config, plan or image set."""
-    fix = "delete the checkpoint or drop --resume to train from scratch"
-    if meta.get("kind") != "train_state":
-        raise CheckpointError("not a resumable training checkpoint.", path=path, fix=fix)
-    if "method" in extra_meta and meta.get("method") != extra_meta["method"]:
-        raise CheckpointError(
-            f"written by method {meta.get('method')!r}, not {extra_meta['method']!r}.", path=path, fix=fix
-        )
-    if "config" in extra_meta:
-        old = {k: v for k, v in (meta.get("config") or {}).items() if k not in RUNTIME_KEYS}
-        current = json.loads(json.dumps(extra_meta["config"], default=str))  # as it would be stored
-        new = {k: v for k, v in current.items() if k not in RUNTIME_KEYS}
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if diff:
-            raise CheckpointError(f"written with a different config ({', '.join(diff)}).", path=path, fix=fix)
-    if meta.get("planned") != planned or meta.get("n_images") != n:
-        raise CheckpointError(
-            "written for a different training plan or number of images.", path=path, fix=fix
-        )
 
 
 def train(
@@ -232,7 +174,7 @@ def train(
         if not (resume and ckpt_path is not None and ckpt_path.is_file()):
             return None
         tensors, meta = load_checkpoint(ckpt_path)
-        _check_compatible(meta, extra_meta, planned, n, ckpt_path)
+        check_compatible(meta, extra_meta, planned, n, ckpt_path)
         return tensors, meta
 
     loaded = run_on_main(load_resumable, dist)  # rank 0 reads the file; every rank gets its contents

@@ -1,0 +1,37 @@
+"""Resume checks: may :func:`anomap.train.loop.train` continue from this training checkpoint?
+
+A checkpoint is resumable only by the same method, config (up to :data:`RUNTIME_KEYS`), training
+plan and number of images; anything else raises CheckpointError with the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from anomap.errors import CheckpointError
+
+# Config keys that only control how a run executes; changing them does not invalidate a checkpoint.
+RUNTIME_KEYS = frozenset({"max_train_seconds", "device", "num_threads", "checkpoint_every"})
+
+
+def check_compatible(meta: dict, extra_meta: dict, planned: dict[str, int], n: int, path: Path) -> None:
+    """Refuse to resume from a checkpoint of another method, config, plan or image set."""
+    fix = "delete the checkpoint or drop --resume to train from scratch"
+    if meta.get("kind") != "train_state":
+        raise CheckpointError("not a resumable training checkpoint.", path=path, fix=fix)
+    if "method" in extra_meta and meta.get("method") != extra_meta["method"]:
+        raise CheckpointError(
+            f"written by method {meta.get('method')!r}, not {extra_meta['method']!r}.", path=path, fix=fix
+        )
+    if "config" in extra_meta:
+        old = {k: v for k, v in (meta.get("config") or {}).items() if k not in RUNTIME_KEYS}
+        current = json.loads(json.dumps(extra_meta["config"], default=str))  # as it would be stored
+        new = {k: v for k, v in current.items() if k not in RUNTIME_KEYS}
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            raise CheckpointError(f"written with a different config ({', '.join(diff)}).", path=path, fix=fix)
+    if meta.get("planned") != planned or meta.get("n_images") != n:
+        raise CheckpointError(
+            "written for a different training plan or number of images.", path=path, fix=fix
+        )
