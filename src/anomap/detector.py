@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from anomap import __version__
+from anomap.compiled import CompiledPredict
 from anomap.config import build_config, config_to_dict
 from anomap.data.dataset import check_min_size, detect_channels, split_train, train_images
 from anomap.data.images import load_image
@@ -58,6 +59,7 @@ class Detector:
         self.calibration = Calibration(target_fpr=self.config.target_fpr)
         self.info: dict[str, Any] = {}
         self.device = torch.device("cpu")
+        self._compiled: CompiledPredict | None = None  # set by compile(); dropped whenever the model changes
 
     # ------------------------------------------------------------------------------------ training
     def fit(self, path: str | Path, *, out: str | Path | None = None, resume: bool = False,
@@ -100,6 +102,7 @@ class Detector:
             torch.manual_seed(cfg.seed)
             cls = get_method_class(self.method_name)
             self.model = cls(cfg, self.channels).to(self.device)
+            self._compiled = None
             self.model.prepare_fit(fit_imgs)
 
             eval_fn = self._val_loss_fn(np.asarray(held_imgs), fit_imgs) if cfg.select_on == "val_loss" else None
@@ -209,6 +212,7 @@ class Detector:
         self.config = build_config(type(self.config), values)
         model.config = self.config
         names = set(self.info.get("heldout_files") or [])
+        compiled, self._compiled = self._compiled, None  # the compiled graph holds the old scoring settings
         held = [p for p in train_images(data) if p.name in names]
         if not names or len(held) != len(names):
             raise ConfigError(f"the model's {len(names)} held-out images were not all found in this folder.",
@@ -217,6 +221,23 @@ class Detector:
                                desc="recalibrating")
         self.calibrate(held_imgs)
         self.info = {**self.info, "rescored": dict(overrides)}
+        if compiled is not None:
+            self.compile(compiled.batch_size, warmup=False)
+        return self
+
+    def compile(self, batch_size: int = PREDICT_BATCH, warmup: bool = True) -> Detector:
+        """Score with the method's ``predict`` compiled by ``torch.compile`` (see :mod:`anomap.compiled`).
+
+        Compiles for batches of ``batch_size`` images (1 for a latency-bound service); with ``warmup``
+        the compile cost (tens of seconds on 2 cores) is paid now instead of at the first prediction.
+        Falls back to eager PyTorch with a warning when compiling fails. Returns ``self``.
+        """
+        model = self._require_model()
+        model.eval()
+        self._compiled = CompiledPredict(model, batch_size)
+        if warmup:
+            s = self.config.image_size
+            self.predict_raw(np.zeros((1, s, s, int(self.channels or 3)), np.uint8))
         return self
 
     # ---------------------------------------------------------------------------------- prediction
@@ -244,7 +265,7 @@ class Detector:
         model.eval()
         for i in range(0, len(images), batch_size):
             x = Method.to_tensor(images[i:i + batch_size], self.device)
-            s, m = model.predict(x)
+            s, m = (self._compiled or model.predict)(x)
             yield s.float().cpu().numpy(), m.float().cpu().numpy()
 
     def prepare(self, image: Any) -> tuple[np.ndarray, tuple[int, int]]:
