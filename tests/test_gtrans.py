@@ -123,6 +123,7 @@ def test_mismatching_teacher_files(tmp_path):
     ({"preset": "paper"}, "teacher_weights"),
     ({"teacher_arch": "vgg16"}, "teacher_arch"),
     ({"distance": "l1"}, "distance"),
+    ({"map_heads": "tokens"}, "map_heads"),
     ({"scales": [0, 3]}, "scales"),
     ({"image_size": 80}, "multiple of 32"),
 ])
@@ -176,6 +177,32 @@ def test_grey_images_and_ablation_knobs():
     m2 = GTrans(build_config(GTransConfig, {**TINY, "distance": "l2"}), 3)
     assert torch.allclose(m2.distance(t, p), (t - p).pow(2).mean(1))
     assert torch.allclose(m.distance(t, 2 * t), torch.zeros(2, 3, 3), atol=1e-6)
+
+
+def test_map_heads_use_their_own_calibration_and_both_averages_them():
+    m, _ = _tiny_trained(steps=10)
+    m.eval()
+    assert float(m.map_mean_feat.min()) > 0 and not torch.allclose(m.map_mean_feat, m.map_mean)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    maps = {}
+    for heads in ("token", "feature", "both"):
+        m.config.map_heads = heads
+        scores, maps[heads] = m.predict(x)
+        assert torch.equal(scores, maps[heads].flatten(1).max(1).values)
+    m.config.map_heads = "token"
+    # the blur is linear: the "both" map is the mean of the two one-head maps
+    torch.testing.assert_close(maps["both"], (maps["token"] + maps["feature"]) / 2, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(maps["token"], maps["feature"])
+
+
+def test_models_saved_before_map_heads_still_load():
+    m = GTrans(build_config(GTransConfig, TINY), 3)
+    state = {k: v for k, v in m.state_dict().items() if k != "map_mean_feat"}
+    m2 = GTrans(build_config(GTransConfig, TINY), 3)
+    m2.load_state_dict(state)
+    assert torch.equal(m2.map_mean_feat, torch.ones(3))
+    with pytest.raises(RuntimeError, match="Missing"):
+        m2.load_state_dict({k: v for k, v in state.items() if k != "map_mean"})
 
 
 def test_fit_save_load_round_trip(tiny_category, tmp_path):

@@ -40,6 +40,7 @@ from anomap.nn.gtrans_student import Student
 from anomap.registry import register
 
 DISTANCES = ("both", "l2", "cos")
+MAP_HEADS = ("token", "feature", "both")
 STAT_BATCH = 16
 CACHE_BYTES = 1 << 30  # teacher features of the fit images are kept when they fit in this much memory
 
@@ -56,6 +57,10 @@ class GTransConfig(MethodConfig):
         tr_dim, tr_depth, tr_heads: the student's Transformer width d, depth L and heads h.
         w_tok, w_feat: loss weights of the token heads and the feature heads.
         distance: "both" (L2 + cosine), "l2" or "cos"; used by the loss and the map.
+        map_heads: which predictions the map compares with the teacher: "token" (the Transformer's token
+            heads, METHODS.md §4.4), "feature" (the CNN stem's feature heads, at the stem's full
+            resolution) or "both" (each head's distance normalised by its own held-out mean, averaged).
+            Scoring only: a saved model can be re-scored with another value.
         scales: which teacher taps to use, 0 = finest .. 2 = coarsest.
         smoothing_sigma: Gaussian sigma of the map in pixels at the working size.
         min_lr: the cosine schedule's final learning rate.
@@ -74,6 +79,7 @@ class GTransConfig(MethodConfig):
     w_tok: float = 1.0
     w_feat: float = 0.5
     distance: str = "both"
+    map_heads: str = "token"
     scales: list[int] = field(default_factory=lambda: [0, 1, 2])
     epochs: int = 200  # the paper's; the CPU time budget cuts it for larger categories
     batch_size: int = 16
@@ -82,7 +88,7 @@ class GTransConfig(MethodConfig):
     min_lr: float = 1e-6
     est_images_per_s: float = 20.0
 
-    SCORING_KEYS: ClassVar[tuple[str, ...]] = MethodConfig.SCORING_KEYS + ("smoothing_sigma", "distance")
+    SCORING_KEYS: ClassVar[tuple[str, ...]] = MethodConfig.SCORING_KEYS + ("smoothing_sigma", "distance", "map_heads")
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {
             "image_size": 256,
@@ -107,6 +113,8 @@ class GTransConfig(MethodConfig):
                               fix="use a multiple of 32 (the teacher's coarsest stride)")
         if self.distance not in DISTANCES:
             raise ConfigError(f"distance={self.distance!r} is not known.", fix="use both, l2 or cos")
+        if self.map_heads not in MAP_HEADS:
+            raise ConfigError(f"map_heads={self.map_heads!r} is not known.", fix="use token, feature or both")
         if not self.scales or len(set(self.scales)) != len(self.scales) or not set(self.scales) <= {0, 1, 2}:
             raise ConfigError(f"scales={self.scales} is not usable.", fix="give distinct values from 0, 1, 2")
         if self.tr_dim % 4 or self.tr_dim % self.tr_heads:
@@ -137,6 +145,7 @@ class GTrans(Method):
             self.register_buffer(f"feat_mean{i}", torch.zeros(1, c, 1, 1))
             self.register_buffer(f"feat_std{i}", torch.ones(1, c, 1, 1))
         self.register_buffer("map_mean", torch.ones(len(self.scales)))
+        self.register_buffer("map_mean_feat", torch.ones(len(self.scales)))  # the same for the feature heads
         # raw teacher features of the fit images (not saved): the teacher is frozen and the fit images
         # are not augmented, so each image's targets never change; keyed by a hash of the image bytes
         self._cache_feats: list[Tensor] = []
@@ -249,25 +258,40 @@ class GTrans(Method):
     # --- scoring --------------------------------------------------------------------------------
     @torch.no_grad()
     def calibrate(self, heldout: Tensor) -> None:
-        """Mean per-scale distance over held-out normals, so that every scale weighs the same in the map."""
-        sums = torch.zeros(len(self.scales), dtype=torch.float64, device=self.map_mean.device)
+        """Mean per-scale distance over held-out normals (token and feature heads), so that every scale
+        and head weighs the same in the map."""
+        n = len(self.scales)
+        sums = torch.zeros(2, n, dtype=torch.float64, device=self.map_mean.device)
         for i in range(0, len(heldout), STAT_BATCH):
-            targets, _, tok_preds = self._forward(heldout[i:i + STAT_BATCH].to(self.map_mean.device))
-            for k, (t, p) in enumerate(zip(targets, tok_preds)):
-                sums[k] += self.distance(t, p).double().mean(dim=(1, 2)).sum()
+            targets, feat_preds, tok_preds = self._forward(heldout[i:i + STAT_BATCH].to(self.map_mean.device))
+            for h, preds in enumerate((tok_preds, feat_preds)):
+                for k, (t, p) in enumerate(zip(targets, preds)):
+                    sums[h, k] += self.distance(t, p).double().mean(dim=(1, 2)).sum()
         if len(heldout):
-            self.map_mean.copy_((sums / len(heldout)).clamp_min(1e-12).float())
+            means = (sums / len(heldout)).clamp_min(1e-12).float()
+            self.map_mean.copy_(means[0])
+            self.map_mean_feat.copy_(means[1])
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         size = images.shape[-2:]
-        targets, _, tok_preds = self._forward(images)
+        targets, feat_preds, tok_preds = self._forward(images)
+        heads = {"token": ((tok_preds, self.map_mean),), "feature": ((feat_preds, self.map_mean_feat),),
+                 "both": ((tok_preds, self.map_mean), (feat_preds, self.map_mean_feat))}[self.config.map_heads]
         amap = torch.zeros(images.shape[0], *size, device=images.device, dtype=images.dtype)
-        for k, (t, p) in enumerate(zip(targets, tok_preds)):
-            a = (self.distance(t, p) / self.map_mean[k]).unsqueeze(1)
-            amap += F.interpolate(a, size=size, mode="bilinear", align_corners=False)[:, 0]
-        amap = gaussian_blur(amap / len(self.scales), self.config.smoothing_sigma)
+        for preds, means in heads:
+            for k, (t, p) in enumerate(zip(targets, preds)):
+                a = (self.distance(t, p) / means[k]).unsqueeze(1)
+                amap += F.interpolate(a, size=size, mode="bilinear", align_corners=False)[:, 0]
+        amap = gaussian_blur(amap / (len(self.scales) * len(heads)), self.config.smoothing_sigma)
         return amap.flatten(1).max(dim=1).values, amap
+
+    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
+        """Models saved before ``map_heads`` existed lack ``map_mean_feat``: it starts at ones (only the
+        feature-head map uses it, and re-scoring with ``map_heads`` recalibrates it)."""
+        if "map_mean" in state_dict and "map_mean_feat" not in state_dict:
+            state_dict = {**state_dict, "map_mean_feat": torch.ones_like(state_dict["map_mean"])}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 def _image_key(img: np.ndarray) -> bytes:
