@@ -177,12 +177,15 @@ def main() -> int:
         warm.run()
         rss = {"after_warmup": rss_mib(pid) if pid else None}
         samples: list[float] = []
+        trace: list[tuple[float, float]] = []  # (seconds since the measured load started, RSS MiB)
         stop = threading.Event()
+        t_start = time.perf_counter()
 
         def sample() -> None:
             while not stop.wait(1.0):
                 if pid and (m := rss_mib(pid)) is not None:
                     samples.append(m)
+                    trace.append((time.perf_counter() - t_start, m))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -213,6 +216,9 @@ def main() -> int:
                        for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
         "image_bytes": len(image[1]), "heatmap": args.heatmap,
         "server_rss_mib": {k: round(v, 1) if v is not None else None for k, v in rss.items()},
+        # the last RSS sample of every minute of the measured load: a leak keeps rising, warm-up levels off
+        "rss_by_minute_mib": [round(m, 1) for _, m in
+                              {int(t // 60): (t, m) for t, m in trace}.values()],
     }
     r = result["server_rss_mib"]
     growth = None if r["end"] is None or r["after_warmup"] is None else round(r["end"] - r["after_warmup"], 1)
@@ -224,6 +230,8 @@ def main() -> int:
           f"{result['requests_per_s']} requests/s over {result['wall_s']} s")
     print(f"server RSS MiB: after warm-up {r['after_warmup']}, peak {r['peak']}, end {r['end']} "
           f"(growth {growth})")
+    if result["rss_by_minute_mib"]:
+        print("server RSS MiB at the end of each minute: " + " ".join(map(str, result["rss_by_minute_mib"])))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0 if n and ok == n else 1
