@@ -277,6 +277,7 @@ def test_rescore_changes_only_scoring_and_recalibrates(fitted, tiny_category, tm
     Image.fromarray(images(1)[0]).save(other / "zzz.png")
     with pytest.raises(ConfigError, match="held-out images"):
         det.rescore({"pixel_map": "recon"}, other)
+    assert det.config.pixel_map == "prob" and det.model.config.pixel_map == "prob"  # a refused rescore changes nothing
 
 
 # --- MAE checkpoints ---------------------------------------------------------------------------------------

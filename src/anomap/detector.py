@@ -208,15 +208,14 @@ class Detector:
         if bad:
             raise ConfigError(f"{', '.join(bad)} change(s) training, not scoring; a saved model cannot take them.",
                               fix=f"retrain with --set, or change only: {', '.join(allowed)}")
-        values = {**config_to_dict(self.config), **overrides}
-        self.config = build_config(type(self.config), values)
-        model.config = self.config
+        new_config = build_config(type(self.config), {**config_to_dict(self.config), **overrides})
         names = set(self.info.get("heldout_files") or [])
-        compiled, self._compiled = self._compiled, None  # the compiled graph holds the old scoring settings
         held = [p for p in train_images(data) if p.name in names]
         if not names or len(held) != len(names):
             raise ConfigError(f"the model's {len(names)} held-out images were not all found in this folder.",
                               path=data, fix="give the folder the model was trained on")
+        self.config = model.config = new_config  # nothing changes before the inputs are known to be good
+        compiled, self._compiled = self._compiled, None  # the compiled graph holds the old scoring settings
         held_imgs = load_stack(sorted(held), self.config.image_size, self.channels, progress=progress,
                                desc="recalibrating")
         self.calibrate(held_imgs)
