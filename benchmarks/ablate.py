@@ -15,25 +15,43 @@ import argparse
 import datetime as dt
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import anomap
 from anomap.config import parse_overrides
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def variant_parser(description: str) -> argparse.ArgumentParser:
+    """--model, --data, repeated --variant LABEL KEY=VALUE..., --out (shared with synthetic_check.py)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", required=True, help="the folder the model was trained on")
     ap.add_argument("--variant", nargs="+", action="append", required=True, metavar=("LABEL", "KEY=VALUE"),
                     help="a label, then the scoring overrides (none = the model as saved)")
     ap.add_argument("--out", help="Markdown file to append the rows to")
-    args = ap.parse_args(argv)
-    rows = []
+    return ap
+
+
+def rescored(args: argparse.Namespace) -> Iterator[tuple[str, list[str], anomap.Detector]]:
+    """(label, KEY=VALUE list, the model re-scored and recalibrated on its held-out normals) per variant."""
     for label, *sets in args.variant:
         det = anomap.load(args.model)
-        overrides = parse_overrides(sets, prefix=det.method_name)
-        det.rescore(overrides, args.data)
+        det.rescore(parse_overrides(sets, prefix=det.method_name), args.data)
+        yield label, sets, det
+
+
+def append_rows(path: str | None, rows: list[str]) -> None:
+    """Append Markdown rows to ``path`` under a comment with the date and the command line."""
+    if path:
+        with open(path, "a") as f:
+            f.write(f"\n<!-- {dt.date.today()} python {' '.join(sys.argv)} -->\n" + "\n".join(rows) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = variant_parser(__doc__.splitlines()[0]).parse_args(argv)
+    rows = []
+    for label, sets, det in rescored(args):
         t0 = time.perf_counter()
         res = anomap.evaluate(det, args.data, progress=False)
         m = res.metrics
@@ -41,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{' '.join(sets) or '(as trained)'} | {m['image_auroc']:.3f} | {m['pixel_auroc']:.3f} | "
                     f"{m['aupro']:.3f} | {time.perf_counter() - t0:.0f} |")
         print(rows[-1], flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(f"\n<!-- {dt.date.today()} python {' '.join(sys.argv)} -->\n" + "\n".join(rows) + "\n")
+    append_rows(args.out, rows)
     return 0
 
 

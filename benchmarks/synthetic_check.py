@@ -16,20 +16,20 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import sys
 from pathlib import Path
 
 import numpy as np
 
 import anomap
-from anomap.config import parse_overrides
 from anomap.data.corruption import CorruptionConfig, corrupt_batch
 from anomap.data.dataset import train_images
 from anomap.data.transforms import load_stack
 from anomap.metrics.pro import aupro_exact
 from anomap.metrics.roc import auroc, pixel_auroc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablate import append_rows, rescored, variant_parser  # a sibling script
 
 
 def synthetic_set(det: anomap.Detector, data: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -44,21 +44,14 @@ def synthetic_set(det: anomap.Detector, data: str, seed: int) -> tuple[np.ndarra
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True, help="the folder the model was trained on")
-    ap.add_argument("--variant", nargs="+", action="append", required=True, metavar=("LABEL", "KEY=VALUE"),
-                    help="a label, then the scoring overrides (none = the model as saved)")
+    ap = variant_parser(__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=12345)
-    ap.add_argument("--out", help="Markdown file to append the rows to")
     args = ap.parse_args(argv)
     normals, bad, masks = synthetic_set(anomap.load(args.model), args.data, args.seed)
     labels = np.r_[np.zeros(len(normals)), np.ones(len(bad))]
     all_masks = np.concatenate([np.zeros_like(masks), masks]).astype(bool)
     rows = []
-    for label, *sets in args.variant:
-        det = anomap.load(args.model)
-        det.rescore(parse_overrides(sets, prefix=det.method_name), args.data)
+    for label, sets, det in rescored(args):
         s0, m0 = det.predict_raw(normals)
         s1, m1 = det.predict_raw(bad)
         maps = np.concatenate([m0, m1])
@@ -68,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(f"| {Path(args.data).name} | {det.method_name} | {label} | {' '.join(sets) or '(as trained)'} | "
                     f"{len(normals)} + {len(bad)} | {img:.3f} | {pix:.3f} | {pro:.3f} |")
         print(rows[-1], flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(f"\n<!-- {dt.date.today()} python {' '.join(sys.argv)} -->\n" + "\n".join(rows) + "\n")
+    append_rows(args.out, rows)
     return 0
 
 

@@ -124,8 +124,8 @@ class TorchBackend(Backend):
         device: cpu, cuda, cuda:N or auto (default: the saved config's device).
         batch_size: images per model call.
         compile: score with ``torch.compile`` (:mod:`anomap.compiled`): compiled now for ``batch_size``
-            images per call, tens of seconds once, then about 1.6-2.4x faster for isstad and gtrans on a
-            CPU; falls back to eager PyTorch with a warning when compiling fails.
+            images per call, tens of seconds once, then about 1.3-1.5x faster for gtrans and 1.2x for
+            isstad on a 2-core CPU (docs/benchmarks.md); falls back to eager PyTorch with a warning when compiling fails.
     """
 
     name = "torch"
