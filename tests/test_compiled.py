@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import warnings
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 import anomap
 from anomap.cli import main
 from anomap.compiled import CompiledPredict
-from tests.conftest import TINY, make_category
+from conftest import TINY, make_category
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,6 +119,8 @@ def test_onnx_backend_refuses_compile(tmp_path, capsys):
     assert "--compile applies to the torch backend" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="no C++ compiler: torch.compile cannot build kernels here (the fallback is tested above)")
 def test_real_torch_compile_matches_eager(det):
     """TorchInductor on this machine (needs a C++ compiler, as the CI image has): same maps as eager."""
     s = det.config.image_size
