@@ -132,6 +132,7 @@ class Detector:
             "train_seconds": round(result.seconds, 2),
             "steps": result.steps,
             "planned_steps": result.planned,
+            "replanned": result.replanned,
             "stopped_by": result.stopped_by,
             "best_step": result.best_step,
             "final_loss": result.history[-1]["loss"] if result.history else None,

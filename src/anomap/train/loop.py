@@ -30,6 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from anomap.errors import AnomapError, CheckpointError
+from anomap.train import replan
 from anomap.train.checkpoint import (
     flatten_optimizer_state,
     load_checkpoint,
@@ -72,6 +73,8 @@ class TrainResult:
         seconds: training time, summed across resumes.
         history: one dict (stage, step, loss, lr, elapsed, other logged scalars) every ``log_every`` steps.
         best_step: step of the last stage whose weights were kept (``eval_fn`` only), else None.
+        replanned: per shortened stage ``{"at": step, "from": planned, "to": new total}`` (see
+            :mod:`anomap.train.replan`); empty when every schedule fitted the time budget.
     """
 
     steps: dict[str, int]
@@ -80,6 +83,7 @@ class TrainResult:
     seconds: float
     history: list[dict] = field(default_factory=list)
     best_step: int | None = None
+    replanned: dict[str, dict] = field(default_factory=dict)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, stage_index: int, step: int) -> np.ndarray:
@@ -162,6 +166,7 @@ def train(
     rng = np.random.default_rng(seed)
     history: list[dict] = []
     steps_done = {name: 0 for name in planned}
+    replanned: dict[str, dict] = {}
     start_stage, start_step, prior_elapsed = 0, 0, 0.0
     saved: dict[str, Tensor] | None = None
     saved_meta: dict = {}
@@ -180,6 +185,13 @@ def train(
     loaded = run_on_main(load_resumable, dist)  # rank 0 reads the file; every rank gets its contents
     if loaded is not None:
         saved, saved_meta = loaded
+        for name, r in (saved_meta.get("replanned") or {}).items():  # the shortened schedule, as it was
+            i = next((i for i, s in enumerate(stages) if s.name == name), None)
+            if i is None or stages[i].steps != int(r["from"]):
+                raise CheckpointError("its shortened schedule does not match this method.", path=ckpt_path,
+                                      fix="delete it")
+            stages[i] = replan.apply(stages[i], int(r["at"]), int(r["to"]))
+            replanned[name] = dict(r)
         start_stage, start_step = int(saved_meta["stage_index"]), int(saved_meta["step"])
         if start_stage >= len(stages) or stages[start_stage].name != saved_meta["stage"]:
             raise CheckpointError("its stages do not match this method.", path=ckpt_path, fix="delete it")
@@ -247,6 +259,7 @@ def train(
             "seed": seed,
             "n_images": n,
             "planned": planned,
+            "replanned": replanned,
             "steps_done": steps_done,
             "numpy_rng": rng.bit_generator.state,
             "optimizer": opt_meta,
@@ -281,6 +294,10 @@ def train(
         window: list[float] = []
         last_eval = -1
         evaluates = eval_fn is not None and is_last and dist.is_main
+        # the last stage is timed over its first steps and shortened once if it would overrun the budget
+        probe_at = step + replan.probe_steps(stage.steps - step) \
+            if is_last and max_seconds > 0 and max_steps <= 0 and stage.name not in replanned else None
+        probe_since = (time.monotonic(), step)
 
         with sync_batchnorm(method, dist), data_parallel(method, opt, dist, device) as step_fn:
             while step < stage.steps:
@@ -315,6 +332,16 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 steps_done[stage.name] = step
+                if step == probe_at:
+                    probe_at = None
+                    new_total, rate = replan.decide(step, stage.steps, probe_since, max_seconds - elapsed(),
+                                                    lambda v: mean_scalars(v, dist, device))
+                    if new_total is not None:
+                        log.info("stage %s at %.2f steps/s: shortened from %d to %d steps to fit the time budget",
+                                 stage.name, rate, stage.steps, new_total)
+                        replanned[stage.name] = {"at": step, "from": stage.steps, "to": new_total}
+                        stage = stages[si] = replan.apply(stage, step, new_total)
+                        bar.total = new_total
 
                 window.append(value)
                 lr = float(opt.param_groups[0]["lr"])
@@ -350,6 +377,7 @@ def train(
         seconds=elapsed(),
         history=history,
         best_step=best_step,
+        replanned=replanned,
     )
 
 
