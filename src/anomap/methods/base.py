@@ -91,7 +91,7 @@ class Method(nn.Module):
         """Cap a schedule so that it ends within ``config.max_train_seconds`` at the estimated throughput.
 
         Planning the schedule from the budget (rather than stopping it) lets the learning rate decay
-        fully; a machine slower than the estimate is still stopped by the loop's time limit.
+        fully; on a machine slower than the estimate the loop shortens the last stage (:mod:`anomap.train.replan`).
         """
         budget = self.config.max_train_seconds
         if budget <= 0:

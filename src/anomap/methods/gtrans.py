@@ -65,7 +65,7 @@ class GTransConfig(MethodConfig):
         smoothing_sigma: Gaussian sigma of the map in pixels at the working size.
         min_lr: the cosine schedule's final learning rate.
         est_images_per_s: training throughput assumed when the time budget plans the schedule (2-core
-            CPU, 224 px, measured); a slower machine is still stopped by ``max_train_seconds``.
+            CPU, 224 px, measured); on a slower machine the loop shortens the schedule to fit (train.replan).
     """
 
     image_size: int = 224
