@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import tracemalloc
 
 import numpy as np
@@ -15,6 +14,7 @@ from anomap.metrics import evaluate as evaluate_mod
 from anomap.metrics.pro import aupro_exact, pro_curve_exact
 from anomap.metrics.roc import BinnedROC, pixel_auroc
 from anomap.metrics.streaming import MapSpool, PixelStream, ValueSample, quantile_edges
+from test_metrics import _brute_aupro
 
 
 def _maps(rng: np.random.Generator, n: int, size: int, heavy: bool = True) -> tuple[np.ndarray, np.ndarray]:
@@ -27,28 +27,6 @@ def _maps(rng: np.random.Generator, n: int, size: int, heavy: bool = True) -> tu
             masks[i, y:y + h, x:x + w] = True
     maps = ndimage.gaussian_filter(rng.normal(size=masks.shape) + 1.0 * masks, sigma=(0, 2, 2))
     return (np.exp(3 * maps) if heavy else maps).astype(np.float32), masks
-
-
-def _brute_aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> float:
-    """AUPRO with a threshold at every distinct value, one threshold at a time (slow, obviously right)."""
-    normal = np.sort(maps[~masks])
-    regions = []
-    for img, mask in zip(maps, masks):
-        lab, count = ndimage.label(mask, structure=np.ones((3, 3)))
-        regions += [np.sort(img[lab == r]) for r in range(1, count + 1)]
-    pts = [(0.0, 0.0)]
-    for t in np.unique(maps)[::-1]:
-        f = (normal.size - np.searchsorted(normal, t, side="left")) / normal.size
-        p = np.mean([(r.size - np.searchsorted(r, t, side="left")) / r.size for r in regions])
-        pts.append((f, p))
-    area = 0.0
-    for (f0, p0), (f1, p1) in itertools.pairwise(pts):
-        if f0 >= fpr_limit:
-            break
-        if f1 > fpr_limit:
-            p1, f1 = p0 + (p1 - p0) * (fpr_limit - f0) / (f1 - f0), fpr_limit
-        area += (f1 - f0) * (p0 + p1) / 2
-    return area / fpr_limit
 
 
 @pytest.mark.parametrize("seed", [0, 1])
