@@ -124,6 +124,7 @@ def test_mismatching_teacher_files(tmp_path):
     ({"teacher_arch": "vgg16"}, "teacher_arch"),
     ({"distance": "l1"}, "distance"),
     ({"map_heads": "tokens"}, "map_heads"),
+    ({"map_norm": "pixel"}, "map_norm"),
     ({"scales": [0, 3]}, "scales"),
     ({"image_size": 80}, "multiple of 32"),
 ])
@@ -195,12 +196,37 @@ def test_map_heads_use_their_own_calibration_and_both_averages_them():
     assert not torch.allclose(maps["token"], maps["feature"])
 
 
+def test_map_norm_location_evens_out_a_fixed_position_artefact():
+    m, _ = _tiny_trained(steps=10)
+    m.eval()
+    gen = torch.Generator().manual_seed(5)
+    held = torch.rand(12, 3, 64, 64, generator=gen)
+    held[:, :, :16, :16] = 1.0  # every normal image has a bright corner: the student misses it at the same place
+    m.calibrate(held)
+    grid = m.map_loc0_0
+    assert grid.shape == (64 // 8, 64 // 8) and float(grid.min()) > 0
+    n, prior = len(held), 5.0  # LOCATION_PRIOR: the mean over the grid is (n + prior m) / (n + prior) / m = 1
+    assert float(grid.mean()) == pytest.approx(1.0, rel=1e-4) and n / (n + prior) < 1
+    maps = {}
+    for norm in ("scale", "location"):
+        m.config.map_norm = norm
+        maps[norm] = m.predict(held)[1].mean(0)
+    m.config.map_norm = "scale"
+
+    def corner_excess(a):
+        return float(a[:12, :12].mean() / a[24:40, 24:40].mean())
+
+    assert corner_excess(maps["location"]) < corner_excess(maps["scale"])
+    assert abs(corner_excess(maps["location"]) - 1) < abs(corner_excess(maps["scale"]) - 1)
+
+
 def test_models_saved_before_map_heads_still_load():
     m = GTrans(build_config(GTransConfig, TINY), 3)
-    state = {k: v for k, v in m.state_dict().items() if k != "map_mean_feat"}
+    state = {k: v for k, v in m.state_dict().items() if k != "map_mean_feat" and not k.startswith("map_loc")}
     m2 = GTrans(build_config(GTransConfig, TINY), 3)
     m2.load_state_dict(state)
     assert torch.equal(m2.map_mean_feat, torch.ones(3))
+    assert torch.equal(m2.map_loc1_2, torch.ones(64 // 32, 64 // 32))
     with pytest.raises(RuntimeError, match="Missing"):
         m2.load_state_dict({k: v for k, v in state.items() if k != "map_mean"})
 

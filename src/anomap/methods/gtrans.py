@@ -41,6 +41,9 @@ from anomap.registry import register
 
 DISTANCES = ("both", "l2", "cos")
 MAP_HEADS = ("token", "feature", "both")
+MAP_NORMS = ("scale", "location")
+LOCATION_PRIOR = 5.0  # map_norm=location: the held-out mean at a location is shrunk toward the scale's mean
+# as if that many more images had given exactly the scale's mean there (fixed a priori, not tuned)
 STAT_BATCH = 16
 CACHE_BYTES = 1 << 30  # teacher features of the fit images are kept when they fit in this much memory
 
@@ -61,6 +64,11 @@ class GTransConfig(MethodConfig):
             heads, METHODS.md §4.4), "feature" (the CNN stem's feature heads, at the stem's full
             resolution) or "both" (each head's distance normalised by its own held-out mean, averaged).
             Scoring only: a saved model can be re-scored with another value.
+        map_norm: what each scale's distance is divided by before the scales are averaged: "scale" (its
+            mean over held-out normals, METHODS.md §4.4) or "location" (its held-out mean at each location
+            of the scale's grid, shrunk toward the scale's mean by ``LOCATION_PRIOR`` images), which also
+            evens out where normal images differ most (image borders, fixed structure of aligned parts).
+            Scoring only.
         scales: which teacher taps to use, 0 = finest .. 2 = coarsest.
         smoothing_sigma: Gaussian sigma of the map in pixels at the working size.
         min_lr: the cosine schedule's final learning rate.
@@ -80,6 +88,7 @@ class GTransConfig(MethodConfig):
     w_feat: float = 0.5
     distance: str = "both"
     map_heads: str = "token"
+    map_norm: str = "scale"
     scales: list[int] = field(default_factory=lambda: [0, 1, 2])
     epochs: int = 200  # the paper's; the CPU time budget cuts it for larger categories
     batch_size: int = 16
@@ -88,7 +97,8 @@ class GTransConfig(MethodConfig):
     min_lr: float = 1e-6
     est_images_per_s: float = 20.0
 
-    SCORING_KEYS: ClassVar[tuple[str, ...]] = MethodConfig.SCORING_KEYS + ("smoothing_sigma", "distance", "map_heads")
+    SCORING_KEYS: ClassVar[tuple[str, ...]] = MethodConfig.SCORING_KEYS + ("smoothing_sigma", "distance", "map_heads",
+                                                                          "map_norm")
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {
             "image_size": 256,
@@ -115,6 +125,8 @@ class GTransConfig(MethodConfig):
             raise ConfigError(f"distance={self.distance!r} is not known.", fix="use both, l2 or cos")
         if self.map_heads not in MAP_HEADS:
             raise ConfigError(f"map_heads={self.map_heads!r} is not known.", fix="use token, feature or both")
+        if self.map_norm not in MAP_NORMS:
+            raise ConfigError(f"map_norm={self.map_norm!r} is not known.", fix="use scale or location")
         if not self.scales or len(set(self.scales)) != len(self.scales) or not set(self.scales) <= {0, 1, 2}:
             raise ConfigError(f"scales={self.scales} is not usable.", fix="give distinct values from 0, 1, 2")
         if self.tr_dim % 4 or self.tr_dim % self.tr_heads:
@@ -146,6 +158,11 @@ class GTrans(Method):
             self.register_buffer(f"feat_std{i}", torch.ones(1, c, 1, 1))
         self.register_buffer("map_mean", torch.ones(len(self.scales)))
         self.register_buffer("map_mean_feat", torch.ones(len(self.scales)))  # the same for the feature heads
+        # map_norm=location: held-out mean per location / the scale's mean, per head (0 token, 1 feature)
+        for k, stride in enumerate(strides):
+            g = config.image_size // stride
+            for h in range(2):
+                self.register_buffer(f"map_loc{h}_{k}", torch.ones(g, g))
         # raw teacher features of the fit images (not saved): the teacher is frozen and the fit images
         # are not augmented, so each image's targets never change; keyed by a hash of the image bytes
         self._cache_feats: list[Tensor] = []
@@ -259,38 +276,55 @@ class GTrans(Method):
     @torch.no_grad()
     def calibrate(self, heldout: Tensor) -> None:
         """Mean per-scale distance over held-out normals (token and feature heads), so that every scale
-        and head weighs the same in the map."""
+        and head weighs the same in the map; and, for ``map_norm=location``, its held-out mean at each
+        location relative to that (shrunk toward 1 by ``LOCATION_PRIOR`` images)."""
         n = len(self.scales)
         sums = torch.zeros(2, n, dtype=torch.float64, device=self.map_mean.device)
+        loc: list[list[Tensor | float]] = [[0.0] * n for _ in range(2)]
         for i in range(0, len(heldout), STAT_BATCH):
             targets, feat_preds, tok_preds = self._forward(heldout[i:i + STAT_BATCH].to(self.map_mean.device))
             for h, preds in enumerate((tok_preds, feat_preds)):
                 for k, (t, p) in enumerate(zip(targets, preds)):
-                    sums[h, k] += self.distance(t, p).double().mean(dim=(1, 2)).sum()
-        if len(heldout):
-            means = (sums / len(heldout)).clamp_min(1e-12).float()
-            self.map_mean.copy_(means[0])
-            self.map_mean_feat.copy_(means[1])
+                    d = self.distance(t, p).double()
+                    sums[h, k] += d.mean(dim=(1, 2)).sum()
+                    loc[h][k] = loc[h][k] + d.sum(dim=0)
+        count = len(heldout)
+        if not count:
+            return
+        means = (sums / count).clamp_min(1e-12)
+        self.map_mean.copy_(means[0].float())
+        self.map_mean_feat.copy_(means[1].float())
+        for h in range(2):
+            for k in range(n):
+                buf = getattr(self, f"map_loc{h}_{k}")
+                m = means[h, k]
+                at = (loc[h][k] + LOCATION_PRIOR * m) / (count + LOCATION_PRIOR)
+                buf.copy_(_fit(at[None, None] / m, buf[None, None])[0, 0].clamp_min(1e-3).float())
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         size = images.shape[-2:]
         targets, feat_preds, tok_preds = self._forward(images)
-        heads = {"token": ((tok_preds, self.map_mean),), "feature": ((feat_preds, self.map_mean_feat),),
-                 "both": ((tok_preds, self.map_mean), (feat_preds, self.map_mean_feat))}[self.config.map_heads]
+        heads = {"token": ((0, tok_preds, self.map_mean),), "feature": ((1, feat_preds, self.map_mean_feat),),
+                 "both": ((0, tok_preds, self.map_mean), (1, feat_preds, self.map_mean_feat))}[self.config.map_heads]
+        by_location = self.config.map_norm == "location"
         amap = torch.zeros(images.shape[0], *size, device=images.device, dtype=images.dtype)
-        for preds, means in heads:
+        for h, preds, means in heads:
             for k, (t, p) in enumerate(zip(targets, preds)):
                 a = (self.distance(t, p) / means[k]).unsqueeze(1)
+                if by_location:
+                    a = a / _fit(getattr(self, f"map_loc{h}_{k}")[None, None], a)
                 amap += F.interpolate(a, size=size, mode="bilinear", align_corners=False)[:, 0]
         amap = gaussian_blur(amap / (len(self.scales) * len(heads)), self.config.smoothing_sigma)
         return amap.flatten(1).max(dim=1).values, amap
 
     def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
-        """Models saved before ``map_heads`` existed lack ``map_mean_feat``: it starts at ones (only the
-        feature-head map uses it, and re-scoring with ``map_heads`` recalibrates it)."""
-        if "map_mean" in state_dict and "map_mean_feat" not in state_dict:
-            state_dict = {**state_dict, "map_mean_feat": torch.ones_like(state_dict["map_mean"])}
+        """Models saved before ``map_heads`` / ``map_norm`` existed lack ``map_mean_feat`` / ``map_loc*``:
+        they start at ones (only those settings use them, and re-scoring with them recalibrates)."""
+        if "map_mean" in state_dict:
+            missing = {key: torch.ones_like(buf) for key, buf in self.state_dict().items()
+                       if key not in state_dict and (key == "map_mean_feat" or key.startswith("map_loc"))}
+            state_dict = {**state_dict, **missing}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
