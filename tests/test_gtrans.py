@@ -246,10 +246,11 @@ def test_fit_save_load_round_trip(tiny_category, tmp_path):
 def test_schedule_is_planned_within_the_time_budget():
     """CPU default: the paper's epochs, cut so that the cosine schedule ends inside max_train_seconds."""
     small = GTrans(build_config(GTransConfig, {"max_train_seconds": 540}), 3)
-    assert small.stages(49)[0].steps == math.ceil(200 * 49 / 16)  # a small category gets all epochs
+    bs = small.config.batch_size
+    assert small.stages(49)[0].steps == math.ceil(200 * 49 / bs)  # a small category gets all epochs
     big = small.stages(630)[0].steps
-    assert big == int(0.95 * 540 * small.config.est_images_per_s / 16) < math.ceil(200 * 630 / 16)
-    unlimited = GTrans(build_config(GTransConfig, {"max_train_seconds": 0}), 3)
+    assert big == int(0.95 * 540 * small.config.est_images_per_s / bs) < math.ceil(200 * 630 / bs)
+    unlimited = GTrans(build_config(GTransConfig, {"max_train_seconds": 0, "batch_size": 16}), 3)
     assert unlimited.stages(630)[0].steps == math.ceil(200 * 630 / 16)
 
 
