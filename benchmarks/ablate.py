@@ -21,6 +21,8 @@ from pathlib import Path
 import anomap
 from anomap.config import parse_overrides
 
+METRICS = ("image_auroc", "pixel_auroc", "aupro")  # the columns of a row, in order
+
 
 def variant_parser(description: str) -> argparse.ArgumentParser:
     """--model, --data, repeated --variant LABEL KEY=VALUE..., --out (shared with synthetic_check.py)."""
@@ -41,6 +43,14 @@ def rescored(args: argparse.Namespace) -> Iterator[tuple[str, list[str], anomap.
         yield label, sets, det
 
 
+def variant_row(data: str, det: anomap.Detector, label: str, sets: list[str], *cells: str) -> str:
+    """One Markdown row: dataset, method, variant label, its settings, then ``cells``; also printed."""
+    row = f"| {Path(data).name} | {det.method_name} | {label} | {' '.join(sets) or '(as trained)'} | " \
+          + " | ".join(cells) + " |"
+    print(row, flush=True)
+    return row
+
+
 def append_rows(path: str | None, rows: list[str]) -> None:
     """Append Markdown rows to ``path`` under a comment with the date and the command line."""
     if path:
@@ -55,10 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         res = anomap.evaluate(det, args.data, progress=False)
         m = res.metrics
-        rows.append(f"| {Path(args.data).name} | {det.method_name} | {label} | "
-                    f"{' '.join(sets) or '(as trained)'} | {m['image_auroc']:.3f} | {m['pixel_auroc']:.3f} | "
-                    f"{m['aupro']:.3f} | {time.perf_counter() - t0:.0f} |")
-        print(rows[-1], flush=True)
+        rows.append(variant_row(args.data, det, label, sets, *(f"{m[k]:.3f}" for k in METRICS),
+                                f"{time.perf_counter() - t0:.0f}"))
     append_rows(args.out, rows)
     return 0
 

@@ -35,7 +35,7 @@ from anomap.metrics.pro import aupro_exact
 from anomap.metrics.roc import auroc, pixel_auroc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablate import append_rows, rescored, variant_parser  # a sibling script
+from ablate import append_rows, rescored, variant_parser, variant_row  # a sibling script
 
 
 def synthetic_set(det: anomap.Detector, data: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -84,9 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         img = auroc(np.r_[s0, s1], labels)
         pix, _ = pixel_auroc(maps, all_masks)
         pro = aupro_exact(maps, all_masks)
-        rows.append(f"| {Path(args.data).name} | {det.method_name} | {label} | {' '.join(sets) or '(as trained)'} | "
-                    f"{len(normals)} + {len(bad)} | {img:.3f} | {pix:.3f} | {pro:.3f} |")
-        print(rows[-1], flush=True)
+        rows.append(variant_row(args.data, det, label, sets, f"{len(normals)} + {len(bad)}",
+                                f"{img:.3f}", f"{pix:.3f}", f"{pro:.3f}"))
     append_rows(args.out, rows)
     return 0
 

@@ -12,6 +12,7 @@ from PIL import Image
 import anomap
 from anomap.data.dataset import train_images
 from anomap.data.transforms import load_stack
+from test_gtrans import TINY
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import heldout_loss  # a benchmark script, not part of the package
@@ -20,8 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_heldout_loss_is_the_training_loss_on_the_heldout_images(tiny_category, tmp_path, capsys):
-    det = anomap.create("gtrans", image_size=64, tr_dim=32, tr_depth=1, tr_heads=2, batch_size=4,
-                        max_steps=3, min_heldout=4, checkpoint_every=0, device="cpu", num_threads=1)
+    det = anomap.create("gtrans", **TINY, max_steps=3, min_heldout=4, checkpoint_every=0)
     det.fit(tiny_category, progress=False)
     model = det.save(tmp_path / "g.safetensors")
     assert heldout_loss.main(["--model", str(model), "--data", str(tiny_category)]) == 0
@@ -38,8 +38,7 @@ def test_heldout_loss_is_the_training_loss_on_the_heldout_images(tiny_category, 
 
 
 def test_heldout_loss_refuses_a_folder_without_the_heldout_images(tiny_category, tmp_path):
-    det = anomap.create("gtrans", image_size=64, tr_dim=32, tr_depth=1, tr_heads=2, batch_size=4,
-                        max_steps=1, min_heldout=4, checkpoint_every=0, device="cpu", num_threads=1)
+    det = anomap.create("gtrans", **TINY, max_steps=1, min_heldout=4, checkpoint_every=0)
     det.fit(tiny_category, progress=False)
     other = tmp_path / "other"
     (other / "train" / "good").mkdir(parents=True)

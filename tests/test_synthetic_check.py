@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import anomap
+from test_gtrans import TINY
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import synthetic_check  # a benchmark script, not part of the package
@@ -43,8 +44,7 @@ def test_cross_scores_each_half_with_the_other_halfs_calibration():
 
 
 def test_cross_check_rows_for_a_trained_model(tiny_category, tmp_path):
-    det = anomap.create("gtrans", image_size=64, tr_dim=32, tr_depth=1, tr_heads=2, batch_size=4,
-                        max_steps=3, min_heldout=4, checkpoint_every=0, device="cpu", num_threads=1)
+    det = anomap.create("gtrans", **TINY, max_steps=3, min_heldout=4, checkpoint_every=0)
     det.fit(tiny_category, progress=False)
     model = det.save(tmp_path / "g.safetensors")
     out = tmp_path / "rows.md"
