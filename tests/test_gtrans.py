@@ -127,6 +127,7 @@ def test_mismatching_teacher_files(tmp_path):
     ({"map_norm": "pixel"}, "map_norm"),
     ({"scales": [0, 3]}, "scales"),
     ({"image_size": 80}, "multiple of 32"),
+    ({"warmup_frac": 1.0}, "warmup_frac"),
 ])
 def test_config_errors(values, match):
     with pytest.raises(ConfigError, match=match):
@@ -252,6 +253,16 @@ def test_schedule_is_planned_within_the_time_budget():
     assert big == int(0.95 * 540 * small.config.est_images_per_s / bs) < math.ceil(200 * 630 / bs)
     unlimited = GTrans(build_config(GTransConfig, {"max_train_seconds": 0, "batch_size": 16}), 3)
     assert unlimited.stages(630)[0].steps == math.ceil(200 * 630 / 16)
+
+
+def test_warmup_frac_ramps_the_rate_then_follows_the_cosine():
+    plain = GTrans(build_config(GTransConfig, {"max_train_seconds": 0}), 3).stages(40)[0]
+    warm = GTrans(build_config(GTransConfig, {"max_train_seconds": 0, "warmup_frac": 0.1}), 3).stages(40)[0]
+    assert plain.steps == warm.steps == 1000
+    assert plain.lr_factor(0) == 1.0 and warm.lr_factor(0) == pytest.approx(0.01)
+    assert warm.lr_factor(49) == pytest.approx(0.5) and warm.lr_factor(99) == pytest.approx(1.0)
+    assert warm.lr_factor(999) == pytest.approx(plain.lr_factor(999), abs=1e-6)
+    assert warm.lr_factor(550) == pytest.approx(plain.lr_factor(500), abs=1e-6)  # the cosine starts 100 steps later
 
 
 def test_teacher_feature_cache_gives_the_live_loss(one_thread):

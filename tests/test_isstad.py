@@ -102,6 +102,8 @@ def test_config_presets_and_errors():
         build_config(IsstadConfig, {"recon_target": "both"})
     with pytest.raises(ConfigError, match="dec_depth_stage1"):
         build_config(IsstadConfig, {"dec_depth_stage1": 5, "dec_depth_stage2": 4})
+    with pytest.raises(ConfigError, match="image_score"):
+        build_config(IsstadConfig, {"image_score": "median"})
 
 
 def test_step_plan_follows_epochs_budget_and_max_steps():
@@ -232,6 +234,10 @@ def test_fit_runs_both_stages_and_scores(fitted, tiny_category):
     model.config.pixel_map = "product"
     s_prod, _ = model.predict(x)
     assert torch.equal(s_mix, s_prod)  # the image score does not depend on the pixel map (as published)
+    model.config.image_score = "max"
+    s_max, prod_map = model.predict(x)
+    assert torch.allclose(s_max, prod_map.flatten(1).max(dim=1).values) and (s_max >= s_prod).all()
+    model.config.image_score = "mean"
     model.config.pixel_map = "mix_minmax"
     const = torch.full((1, 3, 32, 32), 0.5)
     assert torch.isfinite(model.predict(const)[1]).all()

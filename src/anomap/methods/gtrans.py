@@ -72,6 +72,7 @@ class GTransConfig(MethodConfig):
         scales: which teacher taps to use, 0 = finest .. 2 = coarsest.
         smoothing_sigma: Gaussian sigma of the map in pixels at the working size.
         min_lr: the cosine schedule's final learning rate.
+        warmup_frac: fraction of the steps with a linear learning-rate warm-up before the cosine.
         est_images_per_s: training throughput assumed when the time budget plans the schedule (2-core
             CPU, 224 px, measured); on a slower machine the loop shortens the schedule to fit (train.replan).
     """
@@ -95,6 +96,7 @@ class GTransConfig(MethodConfig):
     lr: float = 2e-3  # normals' distillation loss, no test labels (docs/methods.md)
     weight_decay: float = 1e-4
     min_lr: float = 1e-6
+    warmup_frac: float = 0.0
     est_images_per_s: float = 24.0  # our 2-core Xeon: 21-25 images/s at batch 16, 20-22 at batch 8 (re-planned)
 
     SCORING_KEYS: ClassVar[tuple[str, ...]] = MethodConfig.SCORING_KEYS + ("smoothing_sigma", "distance", "map_heads",
@@ -135,6 +137,8 @@ class GTransConfig(MethodConfig):
             raise ConfigError(f"tr_dim={self.tr_dim} must be a multiple of 4 and of tr_heads={self.tr_heads}.")
         if self.tr_depth < 1 or self.batch_size < 1 or self.epochs < 1 or self.lr <= 0 or self.min_lr < 0:
             raise ConfigError("tr_depth, batch_size, epochs and lr must be positive; min_lr >= 0.")
+        if not 0.0 <= self.warmup_frac < 1.0:
+            raise ConfigError(f"warmup_frac={self.warmup_frac} must be in [0, 1).")
         if self.est_images_per_s <= 0:
             raise ConfigError(f"est_images_per_s={self.est_images_per_s} must be positive.")
         if self.w_tok < 0 or self.w_feat < 0 or self.w_tok + self.w_feat <= 0:
@@ -182,7 +186,7 @@ class GTrans(Method):
                 batch_size=cfg.batch_size,
                 make_optimizer=lambda: torch.optim.AdamW(self.student.parameters(), lr=cfg.lr,
                                                          weight_decay=cfg.weight_decay),
-                lr_factor=cosine_factor(steps, final=cfg.min_lr / cfg.lr),
+                lr_factor=cosine_factor(steps, warmup=round(cfg.warmup_frac * steps), final=cfg.min_lr / cfg.lr),
             )
         ]
 

@@ -10,6 +10,7 @@ from anomap.errors import ConfigError
 
 STAGE1, STAGE2 = "stage1_mae", "stage2_repair"
 PIXEL_MAPS = ("mix_minmax", "product", "prob", "recon")
+IMAGE_SCORES = ("mean", "max")
 
 @dataclass
 class IsstadConfig(MethodConfig):
@@ -49,13 +50,14 @@ class IsstadConfig(MethodConfig):
     w_mse: float = 0.5
     w_ssim: float = 0.1
     pixel_map: str = "mix_minmax"
+    image_score: str = "mean"  # reduction of the score map over the image: mean (published) or max
     score_model: str = "stage2"  # "stage1": the MAE's reconstruction error alone (ablation)
     mae_checkpoint_path: str | None = None
     est_images_per_s: list[float] = field(default_factory=lambda: [200.0, 65.0])  # stage 1, 2 (CPU, 128 px)
     stage1_time_share: float = 0.55
 
     SCORING_KEYS: ClassVar[tuple[str, ...]] = MethodConfig.SCORING_KEYS + (
-        "smoothing_sigma", "pixel_map", "score_model")
+        "smoothing_sigma", "pixel_map", "score_model", "image_score")
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {
             "image_size": 224,
@@ -91,6 +93,8 @@ class IsstadConfig(MethodConfig):
             bad.append(f"recon_target={self.recon_target!r} must be clean or input")
         if self.pixel_map not in PIXEL_MAPS:
             bad.append(f"pixel_map={self.pixel_map!r} must be one of {', '.join(PIXEL_MAPS)}")
+        if self.image_score not in IMAGE_SCORES:
+            bad.append(f"image_score={self.image_score!r} must be one of {', '.join(IMAGE_SCORES)}")
         if self.score_model not in ("stage1", "stage2"):
             bad.append(f"score_model={self.score_model!r} must be stage1 or stage2")
         if not 0.0 <= self.corrupt_prob <= 1.0 or self.max_shapes < 1:

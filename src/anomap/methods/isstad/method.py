@@ -267,15 +267,20 @@ class Isstad(Method):
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Image score mean(G(G(m) * G(r))) and the map chosen by ``pixel_map`` (§2.5)."""
+        """Image score mean(G(G(m) * G(r))) (or its max, ``image_score``) and the map chosen by ``pixel_map`` (§2.5)."""
         cfg = self.config
         sigma = cfg.smoothing_sigma
         m, r = self.components(images)
-        if cfg.pixel_map in ("prob", "recon"):  # ablations: one component alone, score = mean of its map
+
+        def reduce(a: Tensor) -> Tensor:
+            flat = a.flatten(1)
+            return flat.max(dim=1).values if cfg.image_score == "max" else flat.mean(dim=1)
+
+        if cfg.pixel_map in ("prob", "recon"):  # ablations: one component alone, score from its map
             amap = gaussian_blur(m if cfg.pixel_map == "prob" else r, sigma)
-            return amap.flatten(1).mean(dim=1), amap
+            return reduce(amap), amap
         product = gaussian_blur(gaussian_blur(m, sigma) * gaussian_blur(r, sigma), sigma)
-        score = product.flatten(1).mean(dim=1)
+        score = reduce(product)
         if cfg.pixel_map == "product":
             return score, product
         lo = r.flatten(1).min(dim=1).values[:, None, None]
