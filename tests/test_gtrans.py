@@ -128,6 +128,8 @@ def test_mismatching_teacher_files(tmp_path):
     ({"scales": [0, 3]}, "scales"),
     ({"image_size": 80}, "multiple of 32"),
     ({"warmup_frac": 1.0}, "warmup_frac"),
+    ({"image_score": "mean"}, "image_score"),
+    ({"topk_fraction": 0.0}, "topk_fraction"),
 ])
 def test_config_errors(values, match):
     with pytest.raises(ConfigError, match=match):
@@ -192,6 +194,11 @@ def test_map_heads_use_their_own_calibration_and_both_averages_them():
         scores, maps[heads] = m.predict(x)
         assert torch.equal(scores, maps[heads].flatten(1).max(1).values)
     m.config.map_heads = "token"
+    m.config.image_score = "topk_mean"  # the mean of the top 1% of the 64x64 map: its 41 largest values
+    top, _ = m.predict(x)
+    torch.testing.assert_close(top, maps["token"].flatten(1).topk(41).values.mean(1))
+    assert (top <= maps["token"].flatten(1).max(1).values).all()
+    m.config.image_score = "max"
     # the blur is linear: the "both" map is the mean of the two one-head maps
     torch.testing.assert_close(maps["both"], (maps["token"] + maps["feature"]) / 2, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(maps["token"], maps["feature"])

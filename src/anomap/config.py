@@ -44,6 +44,13 @@ def _in_range(key: str, value: float, lo: float | None, hi: float | None, *, lo_
                           fix=f"e.g. {key}={example}" if example else None)
 
 
+def check_image_score(kind: str, fraction: float, allowed: tuple[str, ...]) -> None:
+    """ConfigError unless ``image_score`` is one of ``allowed`` and ``topk_fraction`` is in (0, 1]."""
+    if kind not in allowed:
+        raise ConfigError(f"image_score={kind!r} is not known.", fix=f"use {' or '.join(allowed)}")
+    _in_range("topk_fraction", fraction, 0.0, 1.0, lo_open=True, example="0.01")
+
+
 @dataclasses.dataclass
 class MethodConfig:
     """Keys every method accepts, so any method can be run tiny or large.

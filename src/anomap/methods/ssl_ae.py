@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from anomap.config import MethodConfig
+from anomap.config import MethodConfig, check_image_score
 from anomap.data.corruption import PRESETS, corrupt_batch
 from anomap.errors import ConfigError
 from anomap.methods.base import Method, Stage, cosine_factor
 from anomap.nn.conv_ae import DilatedConvAE
-from anomap.nn.filters import gaussian_blur, topk_mean
+from anomap.nn.filters import gaussian_blur, reduce_map
 from anomap.registry import register
 
 
@@ -64,8 +64,7 @@ class SslAeConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.image_score not in ("max", "topk_mean"):
-            raise ConfigError(f"image_score={self.image_score!r} is not known.", fix="use max or topk_mean")
+        check_image_score(self.image_score, self.topk_fraction, ("max", "topk_mean"))
         if not 0.0 <= self.lambda_normal <= 1.0:
             raise ConfigError(f"lambda_normal={self.lambda_normal} must be in [0, 1].")
         if self.width < 8:
@@ -130,8 +129,4 @@ class SslAe(Method):
         out = self.net(images)
         diff = (images - out).pow(2).mean(dim=1)
         amap = gaussian_blur(diff, self.config.smoothing_sigma)
-        if self.config.image_score == "max":
-            score = amap.flatten(1).max(dim=1).values
-        else:
-            score = topk_mean(amap, self.config.topk_fraction)
-        return score, amap
+        return reduce_map(amap, self.config.image_score, self.config.topk_fraction), amap

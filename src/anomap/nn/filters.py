@@ -42,3 +42,14 @@ def topk_mean(maps: Tensor, fraction: float) -> Tensor:
     flat = maps.flatten(1)
     k = max(1, math.ceil(fraction * flat.shape[1]))
     return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def reduce_map(maps: Tensor, kind: str, fraction: float = 0.01) -> Tensor:
+    """Image scores (B,) from (B, H, W) maps: their ``max``, ``mean``, or ``topk_mean`` (top ``fraction``)."""
+    if kind == "max":
+        return maps.flatten(1).max(dim=1).values
+    if kind == "mean":
+        return maps.flatten(1).mean(dim=1)
+    if kind == "topk_mean":
+        return topk_mean(maps, fraction)
+    raise ValueError(f"unknown image score {kind!r}")

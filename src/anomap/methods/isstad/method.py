@@ -33,7 +33,7 @@ from anomap.data.corruption import PRESETS, corrupt
 from anomap.methods.base import Method, Stage, cosine_factor, epochs_to_steps
 from anomap.methods.isstad.checkpoint import load_mae_checkpoint
 from anomap.methods.isstad.config import STAGE1, STAGE2, IsstadConfig
-from anomap.nn.filters import gaussian_blur, gaussian_kernel1d
+from anomap.nn.filters import gaussian_blur, gaussian_kernel1d, reduce_map
 from anomap.nn.vit import MaeDecoder, ViTEncoder, patchify, unpatchify
 from anomap.registry import register
 
@@ -272,15 +272,11 @@ class Isstad(Method):
         sigma = cfg.smoothing_sigma
         m, r = self.components(images)
 
-        def reduce(a: Tensor) -> Tensor:
-            flat = a.flatten(1)
-            return flat.max(dim=1).values if cfg.image_score == "max" else flat.mean(dim=1)
-
         if cfg.pixel_map in ("prob", "recon"):  # ablations: one component alone, score from its map
             amap = gaussian_blur(m if cfg.pixel_map == "prob" else r, sigma)
-            return reduce(amap), amap
+            return reduce_map(amap, cfg.image_score), amap
         product = gaussian_blur(gaussian_blur(m, sigma) * gaussian_blur(r, sigma), sigma)
-        score = reduce(product)
+        score = reduce_map(product, cfg.image_score)
         if cfg.pixel_map == "product":
             return score, product
         lo = r.flatten(1).min(dim=1).values[:, None, None]
