@@ -41,6 +41,11 @@ def test_cross_scores_each_half_with_the_other_halfs_calibration():
     assert m0.shape == (5, 4, 4) and np.all(m0[:, 3, 3] == s0)
     plain = synthetic_check._score(_CalibratedShift(), normals, bad, cross=False)
     np.testing.assert_allclose(plain[0], normals[:, 0, 0, 0])  # never calibrated: offset 0
+    two = np.concatenate([bad, normals + 2])  # two blocks of copies: bad[k * 5 + i] is copy k of image i
+    s0b, _, s1b, m1b = synthetic_check._score(_CalibratedShift(), normals, two, cross=True)
+    np.testing.assert_allclose(s0b, s0)
+    np.testing.assert_allclose(s1b, np.r_[s0 + 1, s0 + 2])  # each copy scored with its image's other half
+    assert m1b.shape == (10, 4, 4)
 
 
 def test_cross_check_rows_for_a_trained_model(tiny_category, tmp_path):
@@ -48,7 +53,7 @@ def test_cross_check_rows_for_a_trained_model(tiny_category, tmp_path):
     det.fit(tiny_category, progress=False)
     model = det.save(tmp_path / "g.safetensors")
     out = tmp_path / "rows.md"
-    assert synthetic_check.main(["--cross", "--model", str(model), "--data", str(tiny_category),
+    assert synthetic_check.main(["--cross", "--copies", "2", "--model", str(model), "--data", str(tiny_category),
                                  "--variant", "scale", "map_norm=scale", "--variant", "location", "map_norm=location",
                                  "--out", str(out)]) == 0
     rows = [r for r in out.read_text().splitlines() if r.startswith("|")]
@@ -56,5 +61,5 @@ def test_cross_check_rows_for_a_trained_model(tiny_category, tmp_path):
     n = len(det.info["heldout_files"])
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[4] == f"{n} + {n}"
+        assert cells[4] == f"{n} + {2 * n}"
         assert all(0.0 <= float(v) <= 1.0 for v in cells[5:8])
