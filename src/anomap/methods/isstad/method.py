@@ -271,7 +271,6 @@ class Isstad(Method):
         cfg = self.config
         sigma = cfg.smoothing_sigma
         m, r = self.components(images)
-
         if cfg.pixel_map in ("prob", "recon"):  # ablations: one component alone, score from its map
             amap = gaussian_blur(m if cfg.pixel_map == "prob" else r, sigma)
             return reduce_map(amap, cfg.image_score), amap
