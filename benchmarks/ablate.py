@@ -18,8 +18,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 import anomap
 from anomap.config import parse_overrides
+from anomap.data.transforms import load_stack
+from anomap.errors import ConfigError
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")  # the columns of a row, in order
 
@@ -49,6 +53,15 @@ def variant_row(data: str, det: anomap.Detector, label: str, sets: list[str], *c
           + " | ".join(cells) + " |"
     print(row, flush=True)
     return row
+
+
+def heldout_stack(det: anomap.Detector, data: str) -> np.ndarray:
+    """The detector's held-out normal images in ``data`` at its working size; exits if they are not there."""
+    try:
+        held = det.heldout_paths(data)
+    except ConfigError:
+        sys.exit(f"{data}: the model's held-out images are not all in this folder (give its training folder)")
+    return load_stack(held, det.config.image_size, int(det.channels))
 
 
 def append_rows(path: str | None, rows: list[str]) -> None:

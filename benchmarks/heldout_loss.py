@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import anomap
-from anomap.data.dataset import train_images
-from anomap.data.transforms import load_stack
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablate import heldout_stack  # a sibling script
 
 BATCH = 16
 
@@ -31,20 +33,16 @@ def heldout_loss(det: anomap.Detector, data: str) -> dict:
     """Mean distances and loss of a gtrans detector on its held-out normal images in ``data``."""
     if det.method_name != "gtrans":
         sys.exit(f"{det.method_name}: only gtrans models are supported")
-    names = set(det.info.get("heldout_files") or [])
-    held = sorted(p for p in train_images(data) if p.name in names)
-    if not names or len(held) != len(names):
-        sys.exit(f"{data}: the model's held-out images are not all in this folder (give its training folder)")
-    imgs = load_stack(held, det.config.image_size, int(det.channels))
+    imgs = heldout_stack(det, data)
     m = det.model
     m.eval()
-    tok = feat = 0.0
+    sums = np.zeros((2, len(m.scales)))  # per-image mean distance summed over images: token, feature heads
     with torch.no_grad():
         for i in range(0, len(imgs), BATCH):
             targets, feat_preds, tok_preds = m._forward(m.to_tensor(imgs[i:i + BATCH], det.device))
-            tok = tok + np.array([float(m.distance(t, p).mean(dim=(1, 2)).sum()) for t, p in zip(targets, tok_preds)])
-            feat = feat + np.array([float(m.distance(t, p).mean(dim=(1, 2)).sum()) for t, p in zip(targets, feat_preds)])
-    tok, feat = tok / len(imgs), feat / len(imgs)
+            for h, preds in enumerate((tok_preds, feat_preds)):
+                sums[h] += [float(m.distance(t, p).mean(dim=(1, 2)).sum()) for t, p in zip(targets, preds)]
+    tok, feat = sums / len(imgs)
     loss = det.config.w_tok * tok.sum() + det.config.w_feat * feat.sum()
     return {"n_heldout": len(imgs), "lr": det.config.lr, "steps": det.info.get("steps"),
             "token": [round(float(v), 4) for v in tok], "feature": [round(float(v), 4) for v in feat],

@@ -33,13 +33,11 @@ import numpy as np
 
 import anomap
 from anomap.data.corruption import CorruptionConfig, corrupt_batch
-from anomap.data.dataset import train_images
-from anomap.data.transforms import load_stack
 from anomap.metrics.pro import aupro_exact
 from anomap.metrics.roc import auroc, pixel_auroc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ablate import append_rows, rescored, variant_parser, variant_row  # a sibling script
+from ablate import append_rows, heldout_stack, rescored, variant_parser, variant_row  # a sibling script
 
 
 def synthetic_set(det: anomap.Detector, data: str, seed: int, copies: int = 1
@@ -48,11 +46,7 @@ def synthetic_set(det: anomap.Detector, data: str, seed: int, copies: int = 1
 
     With ``copies`` K the copies are K blocks of the normals' length: ``bad[k * N + i]`` is copy k of image i.
     """
-    names = set(det.info.get("heldout_files") or [])
-    held = sorted(p for p in train_images(data) if p.name in names)
-    if not names or len(held) != len(names):
-        sys.exit(f"{data}: the model's held-out images are not all in this folder (give its training folder)")
-    normals = load_stack(held, det.config.image_size, int(det.channels))
+    normals = heldout_stack(det, data)
     rng = np.random.default_rng(seed)
     drawn = [corrupt_batch(normals, rng, CorruptionConfig()) for _ in range(copies)]
     return normals, np.concatenate([b for b, _ in drawn]), np.concatenate([m for _, m in drawn])

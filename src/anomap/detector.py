@@ -210,20 +210,29 @@ class Detector:
             raise ConfigError(f"{', '.join(bad)} change(s) training, not scoring; a saved model cannot take them.",
                               fix=f"retrain with --set, or change only: {', '.join(allowed)}")
         new_config = build_config(type(self.config), {**config_to_dict(self.config), **overrides})
-        names = set(self.info.get("heldout_files") or [])
-        held = [p for p in train_images(data) if p.name in names]
-        if not names or len(held) != len(names):
-            raise ConfigError(f"the model's {len(names)} held-out images were not all found in this folder.",
-                              path=data, fix="give the folder the model was trained on")
+        held = self.heldout_paths(data)
         self.config = model.config = new_config  # nothing changes before the inputs are known to be good
         compiled, self._compiled = self._compiled, None  # the compiled graph holds the old scoring settings
-        held_imgs = load_stack(sorted(held), self.config.image_size, self.channels, progress=progress,
+        held_imgs = load_stack(held, self.config.image_size, self.channels, progress=progress,
                                desc="recalibrating")
         self.calibrate(held_imgs)
         self.info = {**self.info, "rescored": dict(overrides)}
         if compiled is not None:
             self.compile(compiled.batch_size, warmup=False)
         return self
+
+    def heldout_paths(self, data: str | Path) -> list[Path]:
+        """This detector's held-out normal images (``info["heldout_files"]``) in ``data``, sorted.
+
+        Raises:
+            ConfigError: ``data`` is not the folder the detector was trained on (not all of them are there).
+        """
+        names = set(self.info.get("heldout_files") or [])
+        held = sorted(p for p in train_images(data) if p.name in names)
+        if not names or len(held) != len(names):
+            raise ConfigError(f"the model's {len(names)} held-out images were not all found in this folder.",
+                              path=data, fix="give the folder the model was trained on")
+        return held
 
     def compile(self, batch_size: int = PREDICT_BATCH, warmup: bool = True) -> Detector:
         """Score with the method's ``predict`` compiled by ``torch.compile`` (see :mod:`anomap.compiled`).
