@@ -56,11 +56,11 @@ def variant_row(data: str, det: anomap.Detector, label: str, sets: list[str], *c
 
 
 def heldout_stack(det: anomap.Detector, data: str) -> np.ndarray:
-    """The detector's held-out normal images in ``data`` at its working size; exits if they are not there."""
+    """The detector's held-out normal images in ``data`` at its working size; exits if they are not those."""
     try:
         held = det.heldout_paths(data)
-    except ConfigError:
-        sys.exit(f"{data}: the model's held-out images are not all in this folder (give its training folder)")
+    except ConfigError as err:
+        sys.exit(str(err))
     return load_stack(held, det.config.image_size, int(det.channels))
 
 

@@ -43,5 +43,5 @@ def test_heldout_loss_refuses_a_folder_without_the_heldout_images(tiny_category,
     other = tmp_path / "other"
     (other / "train" / "good").mkdir(parents=True)
     Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(other / "train" / "good" / "unrelated.png")
-    with pytest.raises(SystemExit, match="held-out images are not all in this folder"):
+    with pytest.raises(SystemExit, match="held-out images were not all found in this folder"):
         heldout_loss.heldout_loss(det, str(other))

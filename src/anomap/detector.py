@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import time
@@ -17,7 +18,7 @@ from torch import Tensor
 from anomap import __version__
 from anomap.compiled import CompiledPredict
 from anomap.config import build_config, config_to_dict
-from anomap.data.dataset import check_min_size, detect_channels, split_train, train_images
+from anomap.data.dataset import check_min_size, detect_channels, file_fingerprint, split_train, train_images
 from anomap.data.images import load_image
 from anomap.data.store import ImageStore
 from anomap.data.transforms import load_stack, resize_maps, resize_u8, to_channels
@@ -36,6 +37,8 @@ from anomap.train.distributed import DistContext, session, threads_per_process
 from anomap.train.loop import TrainResult, train
 from anomap.train.runtime import resolve_device, set_threads
 from anomap.types import AnomalyResult, Calibration
+
+log = logging.getLogger(__name__)
 
 PREDICT_BATCH = 16
 # Calibration keeps at most this many map values for its quantiles (a regular pixel grid beyond it).
@@ -128,6 +131,7 @@ class Detector:
             "n_fit": len(split.fit),
             "n_heldout": len(split.heldout),
             "heldout_files": [p.name for p in split.heldout],
+            "heldout_sha256": [file_fingerprint(p) for p in split.heldout],  # see heldout_paths
             "fit_seconds": round(time.perf_counter() - t0, 2),
             "train_seconds": round(result.seconds, 2),
             "steps": result.steps,
@@ -224,15 +228,31 @@ class Detector:
     def heldout_paths(self, data: str | Path) -> list[Path]:
         """This detector's held-out normal images (``info["heldout_files"]``) in ``data``, sorted.
 
+        Files are found by name and then compared by content (``info["heldout_sha256"]``), because
+        MVTec-style folders of different categories use the same names (000.png, ...). Models saved
+        before the fingerprints were stored are matched by name alone, with a warning.
+
         Raises:
-            ConfigError: ``data`` is not the folder the detector was trained on (not all of them are there).
+            ConfigError: ``data`` is not the folder the detector was trained on (not all of them are
+                there, or one of them has other content).
         """
-        names = set(self.info.get("heldout_files") or [])
-        held = sorted(p for p in train_images(data) if p.name in names)
-        if not names or len(held) != len(names):
+        names = list(self.info.get("heldout_files") or [])
+        found = {p.name: p for p in train_images(data) if p.name in set(names)}
+        if not names or len(found) != len(set(names)):
             raise ConfigError(f"the model's {len(names)} held-out images were not all found in this folder.",
                               path=data, fix="give the folder the model was trained on")
-        return held
+        digests = self.info.get("heldout_sha256")
+        if digests is None:
+            log.warning("%s: this model was saved without fingerprints of its held-out images; they were "
+                        "matched by file name only (re-train to store them)", data)
+        else:
+            changed = [n for n, d in zip(names, digests, strict=True) if file_fingerprint(found[n]) != d]
+            if changed:
+                raise ConfigError(
+                    f"{len(changed)} of the model's {len(names)} held-out images have other content here than "
+                    f"when it was trained (first: {changed[0]}).", path=data,
+                    fix="give the folder the model was trained on, with its images unchanged")
+        return sorted(found.values())
 
     def compile(self, batch_size: int = PREDICT_BATCH, warmup: bool = True) -> Detector:
         """Score with the method's ``predict`` compiled by ``torch.compile`` (see :mod:`anomap.compiled`).
