@@ -60,20 +60,36 @@ def test_compressed_schedule_keeps_the_past_and_reaches_the_final_rate():
 def test_a_slow_machine_gets_a_shorter_schedule_that_ends_inside_the_budget(clock):
     model = slow(new_model(steps=(200,)), clock)
     res = run(model, max_seconds=50.0, log_every=1)
-    # timed over 10 steps (1 step/s) with 40 s left: 38 more steps instead of 190
-    assert res.replanned == {"ae": {"at": 10, "from": 200, "to": 48}}
+    # timed over steps 2-12 (1 step/s) with 38 s left: 36 more steps instead of 188
+    assert res.replanned == {"ae": {"at": 12, "from": 200, "to": 48}}
     assert res.steps == {"ae": 48} and res.stopped_by == "schedule" and res.seconds <= 50.0
     assert res.planned == {"ae": 200}
 
 
 def test_only_the_last_stage_is_shortened_and_a_fitting_schedule_is_left_alone(clock):
     res = run(slow(new_model(steps=(20, 200)), clock), max_seconds=50.0)
-    # stage "ae" took 20 s; "dec" is timed over 10 steps, with 20 s left: 19 more steps
-    assert res.replanned == {"dec": {"at": 10, "from": 200, "to": 29}} and res.steps == {"ae": 20, "dec": 29}
+    # stage "ae" took 20 s; "dec" is timed over its steps 2-12, with 18 s left: 17 more steps
+    assert res.replanned == {"dec": {"at": 12, "from": 200, "to": 29}} and res.steps == {"ae": 20, "dec": 29}
     fits = run(slow(new_model(steps=(20, 20)), clock), max_seconds=100.0)
     assert fits.replanned == {} and fits.steps == {"ae": 20, "dec": 20}
     unlimited = run(slow(new_model(steps=(200,)), clock), max_seconds=0.0)
     assert unlimited.replanned == {} and unlimited.steps == {"ae": 200}
+
+
+def test_the_slow_first_steps_are_not_timed(clock):
+    model = slow(new_model(steps=(200,)), clock)
+    step_fn = model.training_step
+
+    def first_is_slow(batch, s):  # as on a GPU: the first step also selects kernels and grows the allocator
+        clock.t += 20.0 if s == 0 else 0.0
+        return step_fn(batch, s)
+
+    model.training_step = first_is_slow
+    res = run(model, max_seconds=100.0)
+    # steps 0-1 took 22 s; timed over steps 2-12 at 1 step/s with 68 s left: 64 more steps. Timing from
+    # step 0 would have measured 12 steps in 32 s and planned 24 more.
+    assert res.replanned == {"ae": {"at": 12, "from": 200, "to": 76}} and res.steps == {"ae": 76}
+    assert res.seconds <= 100.0
 
 
 def test_resume_follows_the_shortened_schedule(clock, tmp_path: Path):
@@ -86,7 +102,7 @@ def test_resume_follows_the_shortened_schedule(clock, tmp_path: Path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(crashed, ckpt_path=ckpt, checkpoint_every=5, max_seconds=50.0)
     meta = read_metadata(ckpt)
-    assert meta["step"] == 30 and meta["replanned"] == {"ae": {"at": 10, "from": 200, "to": 48}}
+    assert meta["step"] == 30 and meta["replanned"] == {"ae": {"at": 12, "from": 200, "to": 48}}
 
     resumed = slow(new_model(init_seed=7, steps=(200,)), clock)
     got = run(resumed, ckpt_path=ckpt, resume=True, checkpoint_every=5, max_seconds=50.0)

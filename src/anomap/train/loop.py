@@ -294,8 +294,10 @@ def train(
         window: list[float] = []
         last_eval = -1
         evaluates = eval_fn is not None and is_last and dist.is_main
-        # the last stage is timed over its first steps and shortened once if it would overrun the budget
-        probe_at = step + replan.probe_steps(stage.steps - step) \
+        # the last stage is timed over its first steps (after a short warm-up) and shortened once if it
+        # would overrun the budget
+        probe_from = step + replan.WARMUP_STEPS
+        probe_at = probe_from + replan.probe_steps(stage.steps - probe_from) \
             if is_last and max_seconds > 0 and max_steps <= 0 and stage.name not in replanned else None
         probe_since = (time.monotonic(), step)
 
@@ -332,6 +334,8 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 steps_done[stage.name] = step
+                if step == probe_from:
+                    probe_since = (time.monotonic(), step)
                 if step == probe_at:
                     probe_at = None
                     new_total, rate = replan.decide(step, stage.steps, probe_since, max_seconds - elapsed(),
