@@ -126,6 +126,8 @@ def test_mismatching_teacher_files(tmp_path):
     ({"map_heads": "tokens"}, "map_heads"),
     ({"map_norm": "pixel"}, "map_norm"),
     ({"scales": [0, 3]}, "scales"),
+    ({"scales": [1, 2], "map_scales": [0]}, "map_scales"),
+    ({"map_scales": [1, 1]}, "map_scales"),
     ({"image_size": 80}, "multiple of 32"),
     ({"warmup_frac": 1.0}, "warmup_frac"),
     ({"image_score": "mean"}, "image_score"),
@@ -202,6 +204,24 @@ def test_map_heads_use_their_own_calibration_and_both_averages_them():
     # the blur is linear: the "both" map is the mean of the two one-head maps
     torch.testing.assert_close(maps["both"], (maps["token"] + maps["feature"]) / 2, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(maps["token"], maps["feature"])
+
+
+def test_map_scales_picks_the_scales_that_make_the_map():
+    m, _ = _tiny_trained(steps=10)
+    m.eval()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    _, full = m.predict(x)
+    one = []
+    for k in (0, 1, 2):
+        m.config.map_scales = [k]
+        one.append(m.predict(x)[1])
+    m.config.map_scales = [0, 1]
+    _, two = m.predict(x)
+    m.config.map_scales = []
+    # the blur is linear: all scales = the mean of the one-scale maps; [0, 1] = the mean of those two
+    torch.testing.assert_close(full, sum(one) / 3, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(two, (one[0] + one[1]) / 2, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(one[0], one[2])
 
 
 def test_map_norm_location_evens_out_a_fixed_position_artefact():

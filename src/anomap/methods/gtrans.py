@@ -70,6 +70,8 @@ class GTransConfig(MethodConfig):
             evens out where normal images differ most (image borders, fixed structure of aligned parts).
             Scoring only.
         scales: which teacher taps to use, 0 = finest .. 2 = coarsest.
+        map_scales: which of the trained ``scales`` make the map (empty: all of them, METHODS.md §4.4).
+            Scoring only.
         smoothing_sigma: Gaussian sigma of the map in pixels at the working size.
         image_score: the image score from the map: "max" (METHODS.md §4.4) or "topk_mean" (the mean of its
             top ``topk_fraction`` of pixels). Scoring only.
@@ -95,6 +97,7 @@ class GTransConfig(MethodConfig):
     image_score: str = "max"
     topk_fraction: float = 0.01
     scales: list[int] = field(default_factory=lambda: [0, 1, 2])
+    map_scales: list[int] = field(default_factory=list)
     epochs: int = 200  # the paper's; the CPU time budget cuts it for larger categories
     batch_size: int = 8  # METHODS.md's 16 and 5e-4 under-fit in the CPU budget: both chosen on held-out
     lr: float = 2e-3  # normals' distillation loss, no test labels (docs/methods.md)
@@ -105,7 +108,7 @@ class GTransConfig(MethodConfig):
 
     SCORING_KEYS: ClassVar[tuple[str, ...]] = MethodConfig.SCORING_KEYS + ("smoothing_sigma", "distance", "map_heads",
                                                                           "map_norm", "image_score",
-                                                                          "topk_fraction")
+                                                                          "topk_fraction", "map_scales")
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {
             "image_size": 256,
@@ -139,6 +142,9 @@ class GTransConfig(MethodConfig):
         check_image_score(self.image_score, self.topk_fraction, ("max", "topk_mean"))
         if not self.scales or len(set(self.scales)) != len(self.scales) or not set(self.scales) <= {0, 1, 2}:
             raise ConfigError(f"scales={self.scales} is not usable.", fix="give distinct values from 0, 1, 2")
+        if len(set(self.map_scales)) != len(self.map_scales) or not set(self.map_scales) <= set(self.scales):
+            raise ConfigError(f"map_scales={self.map_scales} is not a subset of the trained scales={self.scales}.",
+                              fix=f"give distinct values from {self.scales}, or [] for all")
         if self.tr_dim % 4 or self.tr_dim % self.tr_heads:
             raise ConfigError(f"tr_dim={self.tr_dim} must be a multiple of 4 and of tr_heads={self.tr_heads}.")
         if self.tr_depth < 1 or self.batch_size < 1 or self.epochs < 1 or self.lr <= 0 or self.min_lr < 0:
@@ -320,14 +326,16 @@ class GTrans(Method):
         heads = {"token": ((0, tok_preds, self.map_mean),), "feature": ((1, feat_preds, self.map_mean_feat),),
                  "both": ((0, tok_preds, self.map_mean), (1, feat_preds, self.map_mean_feat))}[self.config.map_heads]
         by_location = self.config.map_norm == "location"
+        use = [k for k, s in enumerate(self.scales) if not self.config.map_scales or s in self.config.map_scales]
         amap = torch.zeros(images.shape[0], *size, device=images.device, dtype=images.dtype)
         for h, preds, means in heads:
-            for k, (t, p) in enumerate(zip(targets, preds)):
+            for k in use:
+                t, p = targets[k], preds[k]
                 a = (self.distance(t, p) / means[k]).unsqueeze(1)
                 if by_location:
                     a = a / _fit(getattr(self, f"map_loc{h}_{k}")[None, None], a)
                 amap += F.interpolate(a, size=size, mode="bilinear", align_corners=False)[:, 0]
-        amap = gaussian_blur(amap / (len(self.scales) * len(heads)), self.config.smoothing_sigma)
+        amap = gaussian_blur(amap / (len(use) * len(heads)), self.config.smoothing_sigma)
         return reduce_map(amap, self.config.image_score, self.config.topk_fraction), amap
 
     def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
