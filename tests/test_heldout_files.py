@@ -60,5 +60,6 @@ def test_a_model_saved_before_fingerprints_is_matched_by_name_with_a_warning(sav
     del det.info["heldout_sha256"]  # as in files written before the fingerprints were stored
     with caplog.at_level(logging.WARNING, logger="anomap.detector"):
         held = det.heldout_paths(tiny_category)
+        det.heldout_paths(tiny_category)  # rescoring looks them up twice: one warning is enough
     assert [p.name for p in held] == sorted(det.info["heldout_files"])
-    assert "file name only" in caplog.text
+    assert caplog.text.count("file name only") == 1

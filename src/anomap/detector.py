@@ -243,8 +243,10 @@ class Detector:
                               path=data, fix="give the folder the model was trained on")
         digests = self.info.get("heldout_sha256")
         if digests is None:
-            log.warning("%s: this model was saved without fingerprints of its held-out images; they were "
-                        "matched by file name only (re-train to store them)", data)
+            if not getattr(self, "_warned_names_only", False):  # once per detector, not on every lookup
+                log.warning("%s: this model was saved without fingerprints of its held-out images; they were "
+                            "matched by file name only (re-train to store them)", data)
+                self._warned_names_only = True
         else:
             changed = [n for n, d in zip(names, digests, strict=True) if file_fingerprint(found[n]) != d]
             if changed:
