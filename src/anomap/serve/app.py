@@ -50,7 +50,8 @@ log = logging.getLogger("anomap.serve")
 API_KEY_ENV = "ANOMAP_API_KEY"
 API_KEY_HEADER = "X-API-Key"
 STATIC_DIR = Path(__file__).parent / "static"
-PRIVATE_INFO_KEYS = ("dataset", "heldout_files", "heldout_sha256")  # training paths and file names stay on the server
+# training paths, file names and fingerprints stay on the server
+PRIVATE_INFO_KEYS = ("dataset", "heldout_files", "heldout_sha256")
 MULTIPART_HINT = "send images as multipart/form-data, e.g. curl -F file=@part.png http://HOST:PORT/v1/predict"
 
 

@@ -5,8 +5,8 @@ Methods plan their schedules to end inside ``max_train_seconds`` from an assumed
 planned end, with the learning rate still high. :func:`train` therefore measures the real speed over
 the first steps of the last stage (after ``WARMUP_STEPS``) and, when the rest would not fit in what
 remains of the budget, shortens that stage once: the remaining part of its learning-rate schedule is
-compressed (not cut), so it still decays to its final value inside the budget. The decision is stored in the resumable
-checkpoint, so a resumed run follows the same shortened schedule.
+compressed (not cut), so it still decays to its final value inside the budget. The decision is stored
+in the resumable checkpoint, so a resumed run follows the same shortened schedule.
 """
 
 from __future__ import annotations
