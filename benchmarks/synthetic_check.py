@@ -16,7 +16,8 @@ very images it was calibrated on.
 
 ``--copies K`` draws K corrupted copies of every held-out image (default 1). With few held-out images
 (mpdd_metal_plate has 5) one image pair in the wrong order moves the image AUROC by 1/(5*5) = 0.04;
-more copies make the comparison finer (the normals are still the same few images).
+more copies make the comparison finer (the normals are still the same few images). ``--digits N``
+prints the metrics with N decimals (default 3), for rules that ask which of two close values is higher.
 
 Usage:
     python benchmarks/synthetic_check.py --model runs/b2/mpdd_metal_plate-gtrans/model.safetensors \
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=12345)
     ap.add_argument("--cross", action="store_true", help="2-fold cross-calibration on the held-out normals")
     ap.add_argument("--copies", type=int, default=1, help="corrupted copies per held-out image (default 1)")
+    ap.add_argument("--digits", type=int, default=3, help="decimals of the metrics (default 3; more to break ties)")
     args = ap.parse_args(argv)
     if args.copies < 1:
         sys.exit(f"--copies {args.copies}: need at least 1")
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         pix, _ = pixel_auroc(maps, all_masks)
         pro = aupro_exact(maps, all_masks)
         rows.append(variant_row(args.data, det, label, sets, f"{len(normals)} + {len(bad)}",
-                                f"{img:.3f}", f"{pix:.3f}", f"{pro:.3f}"))
+                                *(f"{v:.{args.digits}f}" for v in (img, pix, pro))))
     append_rows(args.out, rows)
     return 0
 

@@ -55,11 +55,11 @@ def test_cross_check_rows_for_a_trained_model(tiny_category, tmp_path):
     out = tmp_path / "rows.md"
     assert synthetic_check.main(["--cross", "--copies", "2", "--model", str(model), "--data", str(tiny_category),
                                  "--variant", "scale", "map_norm=scale", "--variant", "location", "map_norm=location",
-                                 "--out", str(out)]) == 0
+                                 "--digits", "5", "--out", str(out)]) == 0
     rows = [r for r in out.read_text().splitlines() if r.startswith("|")]
     assert len(rows) == 2 and "map_norm=location" in rows[1]
     n = len(det.info["heldout_files"])
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[4] == f"{n} + {2 * n}"
-        assert all(0.0 <= float(v) <= 1.0 for v in cells[5:8])
+        assert all(0.0 <= float(v) <= 1.0 and len(v.split(".")[1]) == 5 for v in cells[5:8])
