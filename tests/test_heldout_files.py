@@ -63,3 +63,18 @@ def test_a_model_saved_before_fingerprints_is_matched_by_name_with_a_warning(sav
         det.heldout_paths(tiny_category)  # rescoring looks them up twice: one warning is enough
     assert [p.name for p in held] == sorted(det.info["heldout_files"])
     assert caplog.text.count("file name only") == 1
+
+
+def test_onnx_parity_images_are_the_heldout_images_only_while_unchanged(tiny_category, tmp_path):
+    from anomap.export.onnx import heldout_images
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_category, data)
+    det = anomap.create("gtrans", **TINY, max_steps=1, min_heldout=4, checkpoint_every=0)
+    det.fit(data, progress=False)
+    assert [p.name for p in heldout_images(det)] == sorted(det.info["heldout_files"])
+    victim = data / "train" / "good" / det.info["heldout_files"][0]
+    img = np.asarray(Image.open(victim)).copy()
+    img[0, 0] ^= 1
+    Image.fromarray(img).save(victim)
+    assert heldout_images(det) == []  # the export then asks for --images instead of checking on other images

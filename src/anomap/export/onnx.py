@@ -133,16 +133,15 @@ def _trace(det, path: Path, opset: int) -> None:
 
 
 def heldout_images(det) -> list[Path]:
-    """The held-out normal images of the training data, when its folder still exists (else [])."""
-    from anomap.data.dataset import train_images
-    from anomap.errors import DataError
+    """The held-out normal images of the training data, when its folder still holds them (else [])."""
+    from anomap.errors import AnomapError
 
-    dataset, names = det.info.get("dataset"), set(det.info.get("heldout_files") or [])
-    if not dataset or not names or not Path(dataset).is_dir():
+    dataset = det.info.get("dataset")
+    if not dataset or not Path(dataset).is_dir():
         return []
     try:
-        return [p for p in train_images(dataset) if p.name in names]
-    except DataError:
+        return det.heldout_paths(dataset)  # found by name, checked by content
+    except AnomapError:
         return []
 
 
