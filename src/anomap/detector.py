@@ -63,6 +63,7 @@ class Detector:
         self.info: dict[str, Any] = {}
         self.device = torch.device("cpu")
         self._compiled: CompiledPredict | None = None  # set by compile(); dropped whenever the model changes
+        self._warned_names_only = False  # heldout_paths warns once about a model without fingerprints
 
     # ------------------------------------------------------------------------------------ training
     def fit(self, path: str | Path, *, out: str | Path | None = None, resume: bool = False,
@@ -237,13 +238,14 @@ class Detector:
                 there, or one of them has other content).
         """
         names = list(self.info.get("heldout_files") or [])
-        found = {p.name: p for p in train_images(data) if p.name in set(names)}
-        if not names or len(found) != len(set(names)):
+        wanted = set(names)
+        found = {p.name: p for p in train_images(data) if p.name in wanted}
+        if not names or len(found) != len(wanted):
             raise ConfigError(f"the model's {len(names)} held-out images were not all found in this folder.",
                               path=data, fix="give the folder the model was trained on")
         digests = self.info.get("heldout_sha256")
         if digests is None:
-            if not getattr(self, "_warned_names_only", False):  # once per detector, not on every lookup
+            if not self._warned_names_only:
                 log.warning("%s: this model was saved without fingerprints of its held-out images; they were "
                             "matched by file name only (re-train to store them)", data)
                 self._warned_names_only = True

@@ -299,7 +299,7 @@ def train(
         probe_from = step + replan.WARMUP_STEPS
         probe_at = probe_from + replan.probe_steps(stage.steps - probe_from) \
             if is_last and max_seconds > 0 and max_steps <= 0 and stage.name not in replanned else None
-        probe_since = (time.monotonic(), step)
+        probe_since = (0.0, 0)  # (time, step) at probe_from, set there: the warm-up steps are not timed
 
         with sync_batchnorm(method, dist), data_parallel(method, opt, dist, device) as step_fn:
             while step < stage.steps:
