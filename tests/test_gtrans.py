@@ -130,6 +130,8 @@ def test_mismatching_teacher_files(tmp_path):
     ({"map_scales": [1, 1]}, "map_scales"),
     ({"image_size": 80}, "multiple of 32"),
     ({"warmup_frac": 1.0}, "warmup_frac"),
+    ({"hard_fraction": 1.5}, "hard_fraction"),
+    ({"hard_fraction": -0.1}, "hard_fraction"),
     ({"image_score": "mean"}, "image_score"),
     ({"topk_fraction": 0.0}, "topk_fraction"),
 ])
@@ -183,6 +185,20 @@ def test_grey_images_and_ablation_knobs():
     m2 = GTrans(build_config(GTransConfig, {**TINY, "distance": "l2"}), 3)
     assert torch.allclose(m2.distance(t, p), (t - p).pow(2).mean(1))
     assert torch.allclose(m.distance(t, 2 * t), torch.zeros(2, 3, 3), atol=1e-6)
+
+
+def test_hard_fraction_averages_the_hardest_locations_only():
+    d = torch.arange(40, dtype=torch.float32).view(2, 4, 5)  # 40 locations, values 0..39
+    plain = GTrans(build_config(GTransConfig, TINY), 3)
+    assert float(plain._loss_term(d)) == pytest.approx(19.5)
+    hard = GTrans(build_config(GTransConfig, {**TINY, "hard_fraction": 0.1}), 3)
+    assert float(hard._loss_term(d)) == pytest.approx((39 + 38 + 37 + 36) / 4)  # the top 10%: 4 of 40
+    hard.config.hard_fraction = 0.001  # fewer than one location: the single hardest one
+    assert float(hard._loss_term(d)) == 39.0
+    hard.config.hard_fraction = 1.0
+    assert float(hard._loss_term(d)) == pytest.approx(19.5)
+    _, hist = _tiny_trained(steps=20, hard_fraction=0.25)  # it trains: the hard loss goes down too
+    assert hist[-1]["loss"] < hist[0]["loss"]
 
 
 def test_map_heads_use_their_own_calibration_and_both_averages_them():

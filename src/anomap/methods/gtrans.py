@@ -23,6 +23,7 @@ before that the teacher is random (``Detector.load`` restores it from the file).
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -77,6 +78,9 @@ class GTransConfig(MethodConfig):
             top ``topk_fraction`` of pixels). Scoring only.
         min_lr: the cosine schedule's final learning rate.
         warmup_frac: fraction of the steps with a linear learning-rate warm-up before the cosine.
+        hard_fraction: 0 (default): each scale's loss term is the mean distance over all locations of the
+            batch. In (0, 1]: the mean over its hardest ``hard_fraction`` of locations only (EfficientAD's
+            hard-feature loss, per location), which spends the training on where the student fits worst.
         est_images_per_s: training throughput assumed when the time budget plans the schedule (2-core
             CPU, 224 px, measured); on a slower machine the loop shortens the schedule to fit (train.replan).
     """
@@ -104,6 +108,7 @@ class GTransConfig(MethodConfig):
     weight_decay: float = 1e-4
     min_lr: float = 1e-6
     warmup_frac: float = 0.0
+    hard_fraction: float = 0.0
     est_images_per_s: float = 32.0  # our 2-core Xeon, depth 2, batch 8: 31.8-35.2 images/s (re-planned if slower)
 
     SCORING_KEYS: ClassVar[tuple[str, ...]] = MethodConfig.SCORING_KEYS + ("smoothing_sigma", "distance", "map_heads",
@@ -149,6 +154,9 @@ class GTransConfig(MethodConfig):
             raise ConfigError(f"tr_dim={self.tr_dim} must be a multiple of 4 and of tr_heads={self.tr_heads}.")
         if self.tr_depth < 1 or self.batch_size < 1 or self.epochs < 1 or self.lr <= 0 or self.min_lr < 0:
             raise ConfigError("tr_depth, batch_size, epochs and lr must be positive; min_lr >= 0.")
+        if not 0.0 <= self.hard_fraction <= 1.0:
+            raise ConfigError(f"hard_fraction={self.hard_fraction} must be in [0, 1].",
+                              fix="use 0 for the plain mean, or e.g. 0.1 for the hardest 10% of locations")
         if not 0.0 <= self.warmup_frac < 1.0:
             raise ConfigError(f"warmup_frac={self.warmup_frac} must be in [0, 1).")
         if self.est_images_per_s <= 0:
@@ -255,10 +263,20 @@ class GTrans(Method):
             idx = batch["cached"].to(self._cache_feats[0].device)
             raw = [f[idx].to(self.map_mean.device) for f in self._cache_feats]
         targets, feat_preds, tok_preds = self._forward(batch["image"], raw)
-        loss_tok = sum(self.distance(t, p).mean() for t, p in zip(targets, tok_preds))
-        loss_feat = sum(self.distance(t, p).mean() for t, p in zip(targets, feat_preds))
+        loss_tok = sum(self._loss_term(self.distance(t, p)) for t, p in zip(targets, tok_preds))
+        loss_feat = sum(self._loss_term(self.distance(t, p)) for t, p in zip(targets, feat_preds))
         loss = self.config.w_tok * loss_tok + self.config.w_feat * loss_feat
         return {"loss": loss, "loss_tok": loss_tok.detach(), "loss_feat": loss_feat.detach()}
+
+    def _loss_term(self, d: Tensor) -> Tensor:
+        """One scale's loss from its per-location distances (B, h, w): their mean, or with ``hard_fraction``
+        the mean of the hardest fraction of them (at least one location)."""
+        frac = self.config.hard_fraction
+        if not frac or frac >= 1.0:
+            return d.mean()
+        flat = d.flatten()
+        k = max(1, math.ceil(frac * flat.numel()))
+        return flat.topk(k, sorted=False).values.mean()
 
     # --- shared -------------------------------------------------------------------------------
     @torch.no_grad()
