@@ -23,7 +23,8 @@ from anomap.train.checkpoint import (
     save_checkpoint,
     unflatten_optimizer_state,
 )
-from anomap.train.loop import batch_indices, resolve_device, set_threads, train
+from anomap.train.loop import batch_indices, train
+from anomap.train.runtime import resolve_device, set_threads
 
 CPU = torch.device("cpu")
 

@@ -18,17 +18,19 @@ from torch import Tensor
 from anomap import __version__
 from anomap.compiled import CompiledPredict
 from anomap.config import build_config, config_to_dict
-from anomap.data.dataset import check_min_size, detect_channels, file_fingerprint, split_train, train_images
+from anomap.data.dataset import (
+    check_min_size,
+    detect_channels,
+    file_fingerprint,
+    find_heldout,
+    split_train,
+    train_images,
+)
 from anomap.data.images import load_image
 from anomap.data.store import ImageStore
 from anomap.data.transforms import load_stack, resize_maps, resize_u8, to_channels
 from anomap.errors import CheckpointError, ConfigError, ImageError, NotFittedError
-from anomap.fit_images import (
-    STREAM_ENV,  # noqa: F401  (re-exported: defined here before)
-    STREAM_MIN_BYTES,  # noqa: F401  (re-exported: defined here before)
-    TensorBatches,
-    load_fit_images,
-)
+from anomap.fit_images import TensorBatches, load_fit_images
 from anomap.methods.base import Method
 from anomap.metrics.threshold import threshold_at_fpr
 from anomap.registry import get_method_class
@@ -227,36 +229,19 @@ class Detector:
         return self
 
     def heldout_paths(self, data: str | Path) -> list[Path]:
-        """This detector's held-out normal images (``info["heldout_files"]``) in ``data``, sorted.
-
-        Files are found by name and then compared by content (``info["heldout_sha256"]``), because
-        MVTec-style folders of different categories use the same names (000.png, ...). Models saved
-        before the fingerprints were stored are matched by name alone, with a warning.
+        """This detector's held-out normal images (``info["heldout_files"]``) in ``data``, sorted; checked by
+        content (:func:`anomap.data.dataset.find_heldout`). Models saved before the fingerprints were stored
+        are matched by name alone, with a warning.
 
         Raises:
-            ConfigError: ``data`` is not the folder the detector was trained on (not all of them are
-                there, or one of them has other content).
+            ConfigError: ``data`` is not the folder the detector was trained on.
         """
-        names = list(self.info.get("heldout_files") or [])
-        wanted = set(names)
-        found = {p.name: p for p in train_images(data) if p.name in wanted}
-        if not names or len(found) != len(wanted):
-            raise ConfigError(f"the model's {len(names)} held-out images were not all found in this folder.",
-                              path=data, fix="give the folder the model was trained on")
         digests = self.info.get("heldout_sha256")
-        if digests is None:
-            if not self._warned_names_only:
-                log.warning("%s: this model was saved without fingerprints of its held-out images; they were "
-                            "matched by file name only (re-train to store them)", data)
-                self._warned_names_only = True
-        else:
-            changed = [n for n, d in zip(names, digests, strict=True) if file_fingerprint(found[n]) != d]
-            if changed:
-                raise ConfigError(
-                    f"{len(changed)} of the model's {len(names)} held-out images have other content here than "
-                    f"when it was trained (first: {changed[0]}).", path=data,
-                    fix="give the folder the model was trained on, with its images unchanged")
-        return sorted(found.values())
+        if digests is None and not self._warned_names_only:
+            log.warning("%s: this model was saved without fingerprints of its held-out images; they were "
+                        "matched by file name only (re-train to store them)", data)
+            self._warned_names_only = True
+        return find_heldout(data, list(self.info.get("heldout_files") or []), digests)
 
     def compile(self, batch_size: int = PREDICT_BATCH, warmup: bool = True) -> Detector:
         """Score with the method's ``predict`` compiled by ``torch.compile`` (see :mod:`anomap.compiled`).

@@ -90,7 +90,7 @@ def env_context() -> DistContext:
 
 def _device(name: str, ctx: DistContext) -> torch.device:
     """The device of this rank: cpu, or ``cuda:LOCAL_RANK`` for cuda/auto (one GPU per process)."""
-    from anomap.train.loop import resolve_device
+    from anomap.train.runtime import resolve_device
 
     dev = resolve_device(name)
     if dev.type == "cuda":
@@ -115,7 +115,7 @@ def session(device: str) -> Iterator[tuple[DistContext, torch.device]]:
     """
     ctx = env_context()
     if not ctx.enabled:
-        from anomap.train.loop import resolve_device
+        from anomap.train.runtime import resolve_device
 
         yield ctx, resolve_device(device)
         return

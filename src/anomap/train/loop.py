@@ -50,14 +50,7 @@ from anomap.train.distributed import (
     shard_batch,
     sync_batchnorm,
 )
-from anomap.train.resume import (
-    RUNTIME_KEYS,  # noqa: F401  (re-exported: defined here before)
-    check_compatible,
-)
-from anomap.train.runtime import (
-    resolve_device,  # noqa: F401  (re-exported: defined here before)
-    set_threads,  # noqa: F401  (re-exported: defined here before)
-)
+from anomap.train.resume import check_compatible
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The ``anomap`` command line: methods | fit | predict | evaluate | report | export | serve | bench | demo."""
+"""The commands of the ``anomap`` command line (:mod:`anomap.cli`), one ``cmd_*`` function each."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from anomap.errors import AnomapError, DataError
-
-EPILOG = "Config: --config FILE.yaml and/or --set key=value (repeatable, strict: unknown keys are errors)."
+from anomap.errors import DataError
 
 
 def _config(args: argparse.Namespace, method: str) -> dict[str, Any]:
@@ -27,14 +25,6 @@ def _config(args: argparse.Namespace, method: str) -> dict[str, Any]:
     if getattr(args, "max_minutes", None) is not None:
         cfg["max_train_seconds"] = float(args.max_minutes) * 60.0
     return cfg
-
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file of config values (flat, or nested under the method name)")
-    p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
-                   help="override config values, e.g. --set max_steps=500 teacher.arch=efficientnet_lite1 "
-                        "(repeatable)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default: auto)")
 
 
 def _need(path: str | Path, kind: str, fix: str) -> Path:
@@ -276,19 +266,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
                      runs_dir=Path(args.runs_dir), max_minutes=args.max_minutes, label=args.label)
 
 
-def _byte_size(text: str) -> int:
-    """argparse type: a byte count, plain or with a k/M/G suffix (powers of 1024): 20M, 512k, 1048576."""
-    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    try:
-        n = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; give bytes, e.g. 20M, 512k or 1048576") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1 byte")
-    return n
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from anomap.errors import ConfigError
 
@@ -301,7 +278,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"`anomap serve` needs the serve extra ({e.name} is not installed).",
                           fix="pip install 'anomap[serve]'") from None
     from anomap.export.backend import load_backend
-    from anomap.train.loop import set_threads
+    from anomap.train.runtime import set_threads
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port} is not a TCP port.", fix="give a port from 1 to 65535, e.g. 8000")
@@ -323,149 +300,3 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, server_header=False,
                 limit_concurrency=limits.concurrency + limits.queue + 64, timeout_keep_alive=5)
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="anomap", description="Unsupervised visual anomaly detection: "
-                                 "train on good images, score and localise defects.", epilog=EPILOG)
-    ap.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
-
-    p = sub.add_parser("methods", help="list the available methods")
-    p.add_argument("-v", "--verbose", action="store_true", help="also print each method's default config")
-    p.set_defaults(func=cmd_methods)
-
-    p = sub.add_parser("fit", help="train a detector on normal images", epilog=EPILOG)
-    p.add_argument("--method", default="ssl_ae", help="method name (see `anomap methods`)")
-    p.add_argument("--data", required=True, help="category folder (MVTec layout) or folder of normal images")
-    p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--resume", action="store_true", help="continue from OUT.partial after a crash/stop")
-    p.add_argument("--max-minutes", type=float, help="training time budget in minutes")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_fit)
-
-    p = sub.add_parser("predict", help="score images, folders or glob patterns; CSV/JSON and heat-map overlays",
-                       description="anomap predict MODEL DIR_OR_GLOB... (MODEL: .safetensors or .onnx). Exit code "
-                       "0 when every file was scored, 1 when some were skipped (they are listed with "
-                       "status=error), 2 on an error that stops the run.")
-    p.add_argument("inputs", nargs="+", metavar="MODEL_AND_INPUTS",
-                   help="the model file, then image files, folders (recursive) and/or glob patterns")
-    p.add_argument("--model", help="the model file (alternative to giving it first)")
-    p.add_argument("--backend", choices=["torch", "onnx"],
-                   help="runtime (default: onnx for a .onnx model, else torch)")
-    p.add_argument("--out", help="write results to .csv or .json (path, score, is_anomalous, threshold, status, "
-                   "error)")
-    p.add_argument("--overlays", help="folder for heat-map overlay PNGs")
-    p.add_argument("--threshold", type=float, help="score threshold (default: the calibrated one)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per model call (default 16)")
-    p.add_argument("--threads", type=int, default=2, help="onnxruntime threads (onnx backend; default 2)")
-    p.add_argument("--device", help="cpu, cuda or auto (torch backend)")
-    p.add_argument("--compile", action="store_true", help="torch backend: compile the model with torch.compile "
-                   "first (tens of seconds once, then faster; worth it for large folders)")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser("export", help="export a trained model to ONNX, with a parity check against PyTorch")
-    p.add_argument("model", help="trained .safetensors file")
-    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format (onnx)")
-    p.add_argument("--out", help="output file (default: MODEL with suffix .onnx)")
-    p.add_argument("--images", help="folder of real images for the parity check (default: the model's "
-                   "held-out normal images, when its training folder still exists)")
-    p.add_argument("--tol", type=float, default=1e-3, help="parity tolerance on normalised maps and "
-                   "scores/threshold (default 1e-3)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    p.add_argument("--no-parity", action="store_true", help="skip the parity check (not recommended)")
-    p.set_defaults(func=cmd_export)
-
-    for name, helptext in (("evaluate", "metrics on test/ (JSON) and per-image rows (CSV)"),
-                           ("report", "evaluate and write the HTML report")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--model", required=True, help="trained .safetensors file")
-        p.add_argument("--data", required=True, help="category folder with test/ and ground_truth/")
-        p.add_argument("--device", help="cpu, cuda or auto")
-        p.add_argument("-q", "--quiet", action="store_true")
-        p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
-                       help="change scoring-only settings of the saved model (e.g. pixel_map=prob); it is "
-                            "recalibrated on its held-out normal images from --data")
-        if name == "evaluate":
-            p.add_argument("--out", help="metrics JSON file")
-            p.add_argument("--rows", help="per-image CSV file")
-            p.add_argument("--report", help="also write the HTML report here")
-            p.set_defaults(func=cmd_evaluate)
-        else:
-            p.add_argument("--out", required=True, help="HTML file to write")
-            p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser("demo", help="build the demo category, train, evaluate, write the report", epilog=EPILOG)
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--method", default="ssl_ae")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--max-minutes", type=float)
-    p.add_argument("-q", "--quiet", action="store_true")
-    _add_config_args(p)
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("serve", help="prediction service (REST API + web page) for one model",
-                       description="anomap serve MODEL: POST /v1/predict, GET /v1/model, GET /healthz, docs at "
-                       "/docs, web page at /. Set ANOMAP_API_KEY to require the X-API-Key header on /v1/*.")
-    p.add_argument("model", help="trained .safetensors file or exported .onnx file")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--backend", choices=["torch", "onnx"], help="runtime (default: onnx for a .onnx model, else torch)")
-    p.add_argument("--device", help="cpu, cuda or auto (torch backend)")
-    p.add_argument("--threads", type=int, default=2, help="torch/onnxruntime threads per inference (default 2)")
-    p.add_argument("--compile", action="store_true", help="torch backend: compile the model with torch.compile "
-                   "at start-up (tens of seconds), then score faster; images are scored one per call")
-    p.add_argument("--max-bytes", type=_byte_size, default="20M", help="largest request body (default 20M)")
-    p.add_argument("--max-pixels", type=int, default=20_000_000, help="largest image, width x height "
-                   "(default 20000000)")
-    p.add_argument("--max-files", type=int, default=16, help="most images per request (default 16)")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request before 504 (default 30)")
-    p.add_argument("--concurrency", type=int, default=1, help="requests scored at the same time (default 1)")
-    p.add_argument("--queue", type=int, default=16, help="requests that may wait beyond those; more get 503 "
-                   "at once (default 16)")
-    p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow browser calls from this "
-                   "origin, e.g. https://line.example.com (repeatable; default: CORS off)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("bench", help="train + evaluate method x dataset pairs; Markdown table rows")
-    p.add_argument("--data", nargs="+", required=True, help="category folders")
-    p.add_argument("--method", nargs="+", default=["ssl_ae"])
-    p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
-                   help="config overrides for every run")
-    p.add_argument("--out", default="docs/benchmarks.md", help="Markdown file the rows are appended to")
-    p.add_argument("--runs-dir", default="runs/bench", help="where models, metrics and reports go")
-    p.add_argument("--max-minutes", type=float, help="training time budget per run")
-    p.add_argument("--label", default="", help="note for the table's notes column")
-    p.set_defaults(func=cmd_bench)
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
-    args, extra = ap.parse_known_args(argv)
-    if extra:  # `predict MODEL DIR --backend onnx DIR2`: inputs after an option are inputs too
-        if getattr(args, "cmd", None) == "predict" and not any(e.startswith("-") for e in extra):
-            args.inputs += extra
-        else:
-            ap.error(f"unrecognized arguments: {' '.join(extra)}")
-    if not getattr(args, "func", None):
-        ap.print_help()
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except AnomapError as e:
-        if args.debug:
-            raise
-        print(f"anomap: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("anomap: interrupted (a resumable checkpoint is kept where training had one: use --resume)",
-              file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
