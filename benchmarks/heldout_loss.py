@@ -5,7 +5,8 @@ student follows the teacher on normal images it has not seen: lower means fewer 
 under-fitting. Used to choose gtrans's learning rate (docs/methods.md) without test labels.
 
 Prints one JSON line: per-scale mean distances of the token heads and of the feature heads, and the
-loss ``w_tok * sum(token) + w_feat * sum(feature)`` (the training loss's form, averaged over images).
+loss ``w_tok * sum(token) + w_feat * sum(feature)`` (the training loss's form with the plain mean over
+locations, i.e. ``hard_fraction=0``, whatever the model was trained with; averaged over images).
 
 Usage: python benchmarks/heldout_loss.py --model runs/b5/magnetic_tile-gtrans/model.safetensors \
     --data ../shared/data/magnetic_tile

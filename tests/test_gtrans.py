@@ -189,9 +189,10 @@ def test_grey_images_and_ablation_knobs():
 
 def test_hard_fraction_averages_the_hardest_locations_only():
     d = torch.arange(40, dtype=torch.float32).view(2, 4, 5)  # 40 locations, values 0..39
-    plain = GTrans(build_config(GTransConfig, TINY), 3)
+    plain = GTrans(build_config(GTransConfig, {**TINY, "hard_fraction": 0.0}), 3)
     assert float(plain._loss_term(d)) == pytest.approx(19.5)
-    hard = GTrans(build_config(GTransConfig, {**TINY, "hard_fraction": 0.1}), 3)
+    hard = GTrans(build_config(GTransConfig, TINY), 3)
+    assert hard.config.hard_fraction == 0.1  # the default
     assert float(hard._loss_term(d)) == pytest.approx((39 + 38 + 37 + 36) / 4)  # the top 10%: 4 of 40
     hard.config.hard_fraction = 0.001  # fewer than one location: the single hardest one
     assert float(hard._loss_term(d)) == 39.0
