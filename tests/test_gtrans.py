@@ -193,6 +193,8 @@ def test_hard_fraction_averages_the_hardest_locations_only():
     assert float(plain._loss_term(d)) == pytest.approx(19.5)
     hard = GTrans(build_config(GTransConfig, TINY), 3)
     assert hard.config.hard_fraction == 0.1  # the default
+    paper = build_config(GTransConfig, {"preset": "paper", "teacher_weights": "wrn50.pth"})
+    assert paper.hard_fraction == 0.0  # the paper scale keeps METHODS.md's plain mean
     assert float(hard._loss_term(d)) == pytest.approx((39 + 38 + 37 + 36) / 4)  # the top 10%: 4 of 40
     hard.config.hard_fraction = 0.001  # fewer than one location: the single hardest one
     assert float(hard._loss_term(d)) == 39.0
