@@ -131,6 +131,7 @@ def test_mismatching_teacher_files(tmp_path):
     ({"image_size": 80}, "multiple of 32"),
     ({"warmup_frac": 1.0}, "warmup_frac"),
     ({"hard_fraction": 1.5}, "hard_fraction"),
+    ({"fine_tokens": "unshuffle"}, "fine_tokens"),
     ({"hard_fraction": -0.1}, "hard_fraction"),
     ({"image_score": "mean"}, "image_score"),
     ({"topk_fraction": 0.0}, "topk_fraction"),
@@ -140,12 +141,38 @@ def test_config_errors(values, match):
         build_config(GTransConfig, values)
 
 
-def test_student_token_grid_and_shapes():
-    s = Student((40, 112, 320), (8, 16, 32), dim=32, depth=1, heads=2)
+@pytest.mark.parametrize("fine_tokens", ["pool", "shuffle"])
+def test_student_token_grid_and_shapes(fine_tokens):
+    s = Student((40, 112, 320), (8, 16, 32), dim=32, depth=1, heads=2, fine_tokens=fine_tokens)
+    n_tokens = []
+    s.blocks[0].register_forward_hook(lambda mod, inp, out: n_tokens.append(inp[0].shape[1]))
     with torch.no_grad():
         feats, toks = s(torch.rand(1, 3, 224, 224))
     expect = [(1, 40, 28, 28), (1, 112, 14, 14), (1, 320, 7, 7)]
     assert [tuple(f.shape) for f in feats] == expect and [tuple(t.shape) for t in toks] == expect
+    assert n_tokens == [196 + 196 + 49]  # either way the finest grid enters the Transformer at half resolution
+
+
+def test_shuffled_fine_tokens_keep_the_finest_resolution():
+    """A target alternating from cell to cell of the finest grid: the pooled tokens, upsampled bilinearly,
+    cannot follow it; the shuffled ones predict each token's 2x2 cells and can."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 64, 64)
+    sign = (torch.arange(8)[:, None] + torch.arange(8)[None]) % 2 * 2.0 - 1  # 8x8 checkerboard at stride 8
+    target = sign.expand(4, 4, 8, 8)
+    losses = {}
+    for mode in ("pool", "shuffle"):
+        torch.manual_seed(0)
+        s = Student((4, 8, 8), (8, 16, 32), dim=32, depth=1, heads=2, fine_tokens=mode)
+        opt = torch.optim.Adam(s.parameters(), lr=3e-3)
+        for _ in range(60):
+            loss = (s(x)[1][0] - target).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        losses[mode] = float(loss.detach())
+    assert losses["pool"] > 0.5  # close to the variance of the target (1): the pattern is out of its reach
+    assert losses["shuffle"] < 0.1
 
 
 def _tiny_trained(steps: int = 40, **over) -> tuple[GTrans, list[dict]]:
