@@ -132,6 +132,8 @@ def test_mismatching_teacher_files(tmp_path):
     ({"warmup_frac": 1.0}, "warmup_frac"),
     ({"hard_fraction": 1.5}, "hard_fraction"),
     ({"fine_tokens": "unshuffle"}, "fine_tokens"),
+    ({"teacher_pool": 2}, "teacher_pool"),
+    ({"teacher_pool": 0}, "teacher_pool"),
     ({"hard_fraction": -0.1}, "hard_fraction"),
     ({"image_score": "mean"}, "image_score"),
     ({"topk_fraction": 0.0}, "topk_fraction"),
@@ -212,6 +214,17 @@ def test_grey_images_and_ablation_knobs():
     m2 = GTrans(build_config(GTransConfig, {**TINY, "distance": "l2"}), 3)
     assert torch.allclose(m2.distance(t, p), (t - p).pow(2).mean(1))
     assert torch.allclose(m.distance(t, 2 * t), torch.zeros(2, 3, 3), atol=1e-6)
+
+
+def test_teacher_pool_averages_each_targets_neighbourhood():
+    x = torch.rand(2, 3, 64, 64)
+    raw = GTrans(build_config(GTransConfig, TINY), 3)
+    pooled = GTrans(build_config(GTransConfig, {**TINY, "teacher_pool": 3}), 3)
+    pooled.teacher.load_state_dict(raw.teacher.state_dict())
+    for r, p in zip(raw._teacher(x), pooled._teacher(x)):
+        assert p.shape == r.shape
+        assert torch.allclose(p[..., 1, 1], r[..., :3, :3].mean(dim=(-2, -1)), atol=1e-6)  # inner cell: 3x3
+        assert torch.allclose(p[..., 0, 0], r[..., :2, :2].mean(dim=(-2, -1)), atol=1e-6)  # corner: its 4 cells
 
 
 def test_hard_fraction_averages_the_hardest_locations_only():

