@@ -161,6 +161,7 @@ def test_fit_resume_from_synthetic_train_state_of_other_config(tmp_path, capsys)
                     {"kind": "train_state", "method": "ssl_ae", "config": cfg})
     line = one_line_error(fit_argv(data, out, "--resume"), capsys)
     assert str(partial) in line and "different config (lr)" in line
+    assert "resume with its settings (--set lr=0.01)" in line  # how to continue it instead
     assert "delete the checkpoint" in line and "drop --resume" in line
     assert not out.exists()
 

