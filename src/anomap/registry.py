@@ -42,10 +42,5 @@ def saved_config(meta: dict) -> dict[str, Any]:
     """The config values stored in a file's metadata, completed with ``Config.ADDED_LATER`` of its method:
     a key the file lacks (it was written before the key existed) takes the value that reproduces what
     the file's model did, not today's default."""
-    values = dict(meta.get("config") or {})
-    return {**getattr(config_class(meta.get("method")), "ADDED_LATER", {}), **values}
-
-
-def config_class(name: Any) -> type | None:
-    """The Config class of the method registered as ``name``; None for an unknown name."""
-    return getattr(_REGISTRY.get(str(name)), "Config", None)
+    added = getattr(getattr(_REGISTRY.get(str(meta.get("method"))), "Config", None), "ADDED_LATER", {})
+    return {**added, **dict(meta.get("config") or {})}
