@@ -55,13 +55,17 @@ def variant_row(data: str, det: anomap.Detector, label: str, sets: list[str], *c
     return row
 
 
-def heldout_stack(det: anomap.Detector, data: str) -> np.ndarray:
-    """The detector's held-out normal images in ``data`` at its working size; exits if they are not those."""
+def heldout_files(det: anomap.Detector, data: str) -> list[Path]:
+    """The detector's held-out normal images in ``data``; exits if they are not there as trained."""
     try:
-        held = det.heldout_paths(data)
+        return det.heldout_paths(data)
     except ConfigError as err:
         sys.exit(str(err))
-    return load_stack(held, det.config.image_size, int(det.channels))
+
+
+def heldout_stack(det: anomap.Detector, data: str) -> np.ndarray:
+    """The detector's held-out normal images in ``data`` at its working size; exits if they are not those."""
+    return load_stack(heldout_files(det, data), det.config.image_size, int(det.channels))
 
 
 def append_rows(path: str | None, rows: list[str]) -> None:

@@ -46,3 +46,20 @@ def test_heldout_loss_refuses_a_folder_without_the_heldout_images(tiny_category,
     Image.fromarray(np.zeros((48, 48, 3), np.uint8)).save(other / "train" / "good" / "unrelated.png")
     with pytest.raises(SystemExit, match="held-out images were not all found in this folder"):
         heldout_loss.heldout_loss(det, str(other))
+
+
+def test_fit_images_measures_the_images_it_was_trained_on(tiny_category, tmp_path, capsys):
+    det = anomap.create("gtrans", **TINY, max_steps=3, min_heldout=4, checkpoint_every=0)
+    det.fit(tiny_category, progress=False)
+    model = det.save(tmp_path / "g.safetensors")
+    assert heldout_loss.main(["--model", str(model), "--data", str(tiny_category), "--fit-images"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    names = set(det.info["heldout_files"])
+    fit = sorted(p for p in train_images(tiny_category) if p.name not in names)
+    x = det.model.to_tensor(load_stack(fit, 64, int(det.channels)), "cpu")
+    det.model.eval()
+    det.model.config.hard_fraction = 0.0
+    with torch.no_grad():
+        expected = float(det.model.training_step({"image": x}, 0)["loss"])
+    assert (out["images"], out["n_images"], out["n_heldout"]) == ("fit", len(fit), 4) and len(fit) > 4
+    assert out["loss"] == pytest.approx(expected, rel=1e-3)
