@@ -87,7 +87,8 @@ def row(rec: dict, label: str = "") -> str:
     m = rec["metrics"]
     info = rec["info"]
     steps = sum(info.get("steps", {}).values()) if isinstance(info.get("steps"), dict) else info.get("steps")
-    notes = "; ".join(x for x in (" ".join(rec.get("sets", [])), label) if x)
+    sets = " ".join(rec.get("sets", []))
+    notes = "; ".join(x for x in dict.fromkeys((sets, label)) if x)  # a label that repeats the --set: once
     return (f"| {rec['dataset']} | {rec['method']} | {_fmt(m['image_auroc'])} | {_fmt(m['pixel_auroc'])} | "
             f"{_fmt(m['aupro'])} | {_fmt(m['image_f1max'])} | {_fmt(m['test_fpr'], 2)} / {_fmt(m['test_recall'], 2)} "
             f"| {rec['fit_seconds']:.1f} | {rec['ms_per_image_bs1']:.1f} | {rec['peak_rss_mb']:.0f} | "

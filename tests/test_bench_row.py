@@ -1,0 +1,29 @@
+"""anomap.bench.row: one Markdown row per benchmark record, as appended to docs/benchmarks.md."""
+
+from anomap.bench import HEADER, row
+
+
+def _rec(sets: list[str]) -> dict:
+    return {
+        "dataset": "toy", "method": "gtrans", "sets": sets, "image_size": 224,
+        "metrics": {"image_auroc": 0.91234, "pixel_auroc": 0.8, "aupro": None, "image_f1max": 0.5,
+                    "test_fpr": 0.05, "test_recall": 0.6},
+        "fit_seconds": 12.34, "ms_per_image_bs1": 31.96, "peak_rss_mb": 900.4,
+        "info": {"steps": {"gtrans": 100}, "stopped_by": "schedule"},
+    }
+
+
+def test_row_has_one_cell_per_header_column_and_formats_values():
+    cells = row(_rec(["image_size=256"]), "a label").strip("|").split("|")
+    assert len(cells) == HEADER.count("|") - 1
+    cells = [c.strip() for c in cells]
+    assert cells[:5] == ["toy", "gtrans", "0.912", "0.800", "n/a"]
+    assert cells[6] == "0.05 / 0.60"
+    assert cells[7:12] == ["12.3", "32.0", "900", "224", "100 (schedule)"]
+    assert cells[12] == "image_size=256; a label"
+
+
+def test_label_equal_to_the_overrides_is_written_once():
+    assert row(_rec(["image_size=256"]), "image_size=256").endswith("| image_size=256 |")
+    assert row(_rec([]), "").endswith("|  |")
+    assert row(_rec([]), "only label").endswith("| only label |")
