@@ -353,13 +353,38 @@ def test_map_norm_location_evens_out_a_fixed_position_artefact():
     assert abs(corner_excess(maps["location"]) - 1) < abs(corner_excess(maps["scale"]) - 1)
 
 
+def test_map_norm_quantile_maps_each_scale_by_its_heldout_quantiles():
+    m, _ = _tiny_trained(steps=10)
+    m.eval()
+    held = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    m.calibrate(held)
+    q = m.map_quant
+    assert q.shape == (2, 3, 2) and bool((q[..., 1] > q[..., 0]).all())
+    targets, _, tok_preds = m._forward(held)
+    d = m.distance(targets[2], tok_preds[2]).detach().flatten().double().numpy()
+    assert float(q[0, 2, 0]) == pytest.approx(np.quantile(d, 0.9), rel=1e-5)
+    assert float(q[0, 2, 1]) == pytest.approx(np.quantile(d, 0.995), rel=1e-5)
+    # the map is the mean of (d - q_a) / (q_b - q_a) over the scales: with one scale, a fixed affine
+    # function of the scale-mean map
+    m.config.map_scales, m.config.map_heads = [2], "token"
+    maps = {}
+    for norm in ("scale", "quantile"):
+        m.config.map_norm = norm
+        maps[norm] = m.predict(held)[1]
+    q_a, q_b = (float(v) for v in q[0, 2])
+    mean = float(m.map_mean[2])
+    torch.testing.assert_close(maps["quantile"], (maps["scale"] * mean - q_a) / (q_b - q_a), rtol=1e-4, atol=1e-4)
+
+
 def test_models_saved_before_map_heads_still_load():
     m = GTrans(build_config(GTransConfig, TINY), 3)
-    state = {k: v for k, v in m.state_dict().items() if k != "map_mean_feat" and not k.startswith("map_loc")}
+    state = {k: v for k, v in m.state_dict().items()
+             if k not in ("map_mean_feat", "map_quant") and not k.startswith("map_loc")}
     m2 = GTrans(build_config(GTransConfig, TINY), 3)
     m2.load_state_dict(state)
     assert torch.equal(m2.map_mean_feat, torch.ones(3))
     assert torch.equal(m2.map_loc1_2, torch.ones(64 // 32, 64 // 32))
+    assert torch.equal(m2.map_quant[1, 2], torch.tensor([0.0, 1.0]))
     with pytest.raises(RuntimeError, match="Missing"):
         m2.load_state_dict({k: v for k, v in state.items() if k != "map_mean"})
 

@@ -12,7 +12,7 @@ from anomap.nn.gtrans_student import FINE_TOKENS
 
 DISTANCES = ("both", "l2", "cos")
 MAP_HEADS = ("token", "feature", "both", "fine_feature")
-MAP_NORMS = ("scale", "location")
+MAP_NORMS = ("scale", "location", "quantile")
 
 
 @dataclass
@@ -42,8 +42,10 @@ class GTransConfig(MethodConfig):
         map_norm: what each scale's distance is divided by before the scales are averaged: "scale" (its
             mean over held-out normals, METHODS.md §4.4) or "location" (its held-out mean at each location
             of the scale's grid, shrunk toward the scale's mean by ``LOCATION_PRIOR`` images), which also
-            evens out where normal images differ most (image borders, fixed structure of aligned parts).
-            Scoring only.
+            evens out where normal images differ most (image borders, fixed structure of aligned parts),
+            or "quantile" (EfficientAD: mapped through (d - q_a) / (q_b - q_a) with its 0.9 and 0.995
+            quantiles over the held-out normals' locations, so a scale with a wide upper tail on normal
+            images weighs less). Scoring only.
         scales: which teacher taps to use, 0 = finest .. 2 = coarsest.
         map_scales: which of the trained ``scales`` make the map (empty: all of them, METHODS.md §4.4).
             Scoring only.
@@ -131,7 +133,7 @@ class GTransConfig(MethodConfig):
             raise ConfigError(f"map_heads={self.map_heads!r} is not known.",
                               fix="use token, feature, both or fine_feature")
         if self.map_norm not in MAP_NORMS:
-            raise ConfigError(f"map_norm={self.map_norm!r} is not known.", fix="use scale or location")
+            raise ConfigError(f"map_norm={self.map_norm!r} is not known.", fix="use scale, location or quantile")
         check_image_score(self.image_score, self.topk_fraction, ("max", "topk_mean"))
         if not self.scales or len(set(self.scales)) != len(self.scales) or not set(self.scales) <= {0, 1, 2}:
             raise ConfigError(f"scales={self.scales} is not usable.", fix="give distinct values from 0, 1, 2")

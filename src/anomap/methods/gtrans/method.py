@@ -42,6 +42,7 @@ from anomap.registry import register
 
 LOCATION_PRIOR = 5.0  # map_norm=location: the held-out mean at a location is shrunk toward the scale's mean
 # as if that many more images had given exactly the scale's mean there (fixed a priori, not tuned)
+QUANTILES = (0.9, 0.995)  # map_norm=quantile: EfficientAD's q_a and q_b of the held-out distances
 STAT_BATCH = 16
 CACHE_BYTES = 1 << 30  # teacher features of the fit images are kept when they fit in this much memory
 
@@ -65,6 +66,8 @@ class GTrans(Method):
             self.register_buffer(f"feat_std{i}", torch.ones(1, c, 1, 1))
         self.register_buffer("map_mean", torch.ones(len(self.scales)))
         self.register_buffer("map_mean_feat", torch.ones(len(self.scales)))  # the same for the feature heads
+        # map_norm=quantile: held-out QUANTILES per head (0 token, 1 feature) and scale: [..., 0] q_a, [..., 1] q_b
+        self.register_buffer("map_quant", torch.tensor([0.0, 1.0]).repeat(2, len(self.scales), 1))
         # map_norm=location: held-out mean per location / the scale's mean, per head (0 token, 1 feature)
         for k, stride in enumerate(strides):
             g = config.image_size // stride
@@ -197,11 +200,13 @@ class GTrans(Method):
     @torch.no_grad()
     def calibrate(self, heldout: Tensor) -> None:
         """Mean per-scale distance over held-out normals (token and feature heads), so that every scale
-        and head weighs the same in the map; and, for ``map_norm=location``, its held-out mean at each
-        location relative to that (shrunk toward 1 by ``LOCATION_PRIOR`` images)."""
+        and head weighs the same in the map; for ``map_norm=location``, its held-out mean at each
+        location relative to that (shrunk toward 1 by ``LOCATION_PRIOR`` images); for ``map_norm=quantile``,
+        its ``QUANTILES`` over all locations of the held-out images."""
         n = len(self.scales)
         sums = torch.zeros(2, n, dtype=torch.float64, device=self.map_mean.device)
         loc: list[list[Tensor | float]] = [[0.0] * n for _ in range(2)]
+        values: list[list[list[np.ndarray]]] = [[[] for _ in range(n)] for _ in range(2)]
         for i in range(0, len(heldout), STAT_BATCH):
             targets, feat_preds, tok_preds = self._forward(heldout[i:i + STAT_BATCH].to(self.map_mean.device))
             for h, preds in enumerate((tok_preds, feat_preds)):
@@ -209,6 +214,7 @@ class GTrans(Method):
                     d = self.distance(t, p).double()
                     sums[h, k] += d.mean(dim=(1, 2)).sum()
                     loc[h][k] = loc[h][k] + d.sum(dim=0)
+                    values[h][k].append(d.flatten().cpu().numpy())
         count = len(heldout)
         if not count:
             return
@@ -217,6 +223,9 @@ class GTrans(Method):
         self.map_mean_feat.copy_(means[1].float())
         for h in range(2):
             for k in range(n):
+                q_a, q_b = np.quantile(np.concatenate(values[h][k]), QUANTILES)
+                self.map_quant[h, k, 0] = float(q_a)
+                self.map_quant[h, k, 1] = float(max(q_b, q_a + 1e-12 * max(abs(q_a), 1.0)))
                 buf = getattr(self, f"map_loc{h}_{k}")
                 m = means[h, k]
                 at = (loc[h][k] + LOCATION_PRIOR * m) / (count + LOCATION_PRIOR)
@@ -227,13 +236,18 @@ class GTrans(Method):
         size = images.shape[-2:]
         targets, feat_preds, tok_preds = self._forward(images)
         preds, means = (tok_preds, feat_preds), (self.map_mean, self.map_mean_feat)  # head 0 token, 1 feature
-        by_location = self.config.map_norm == "location"
+        norm = self.config.map_norm
         use = [k for k, s in enumerate(self.scales) if not self.config.map_scales or s in self.config.map_scales]
         pairs = [(h, k) for k in use for h in self._map_heads(k)]
         amap = torch.zeros(images.shape[0], *size, device=images.device, dtype=images.dtype)
         for h, k in pairs:
-            a = (self.distance(targets[k], preds[h][k]) / means[h][k]).unsqueeze(1)
-            if by_location:
+            d = self.distance(targets[k], preds[h][k])
+            if norm == "quantile":  # EfficientAD: q_a -> 0, q_b -> 1 (offsets change no ranking, spreads weigh)
+                q_a, q_b = self.map_quant[h, k]
+                a = ((d - q_a) / (q_b - q_a)).unsqueeze(1)
+            else:
+                a = (d / means[h][k]).unsqueeze(1)
+            if norm == "location":
                 a = a / _fit(getattr(self, f"map_loc{h}_{k}")[None, None], a)
             amap += F.interpolate(a, size=size, mode="bilinear", align_corners=False)[:, 0]
         amap = gaussian_blur(amap / len(pairs), self.config.smoothing_sigma)
@@ -247,11 +261,12 @@ class GTrans(Method):
         return {"token": (0,), "feature": (1,), "both": (0, 1)}[mode]
 
     def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
-        """Models saved before ``map_heads`` / ``map_norm`` existed lack ``map_mean_feat`` / ``map_loc*``:
-        they start at ones (only those settings use them, and re-scoring with them recalibrates)."""
+        """Models saved before ``map_heads`` / ``map_norm`` existed lack ``map_mean_feat`` / ``map_loc*`` /
+        ``map_quant``: they start at their initial values (only those settings use them, and re-scoring with
+        them recalibrates)."""
         if "map_mean" in state_dict:
-            missing = {key: torch.ones_like(buf) for key, buf in self.state_dict().items()
-                       if key not in state_dict and (key == "map_mean_feat" or key.startswith("map_loc"))}
+            missing = {key: buf.clone() for key, buf in self.state_dict().items() if key not in state_dict
+                       and (key in ("map_mean_feat", "map_quant") or key.startswith("map_loc"))}
             state_dict = {**state_dict, **missing}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
