@@ -6,11 +6,15 @@
 from __future__ import annotations
 
 import sys
+import warnings
+from pathlib import Path
 
 from anomap.cli.parser import build_parser
 from anomap.errors import AnomapError
 
 __all__ = ["build_parser", "main"]
+
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(args.func(args) or 0)
     except AnomapError as e:
         if args.debug:
             raise
@@ -35,4 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         print("anomap: interrupted (a resumable checkpoint is kept where training had one: use --resume)",
               file=sys.stderr)
         return 130
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """anomap's own warnings as one plain line (they already name the file and the fix); others as usual."""
+    if category.__module__.split(".")[0] == "anomap" or Path(filename).resolve().is_relative_to(_PACKAGE_DIR):
+        print(f"anomap: warning: {message}", file=file or sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=file or sys.stderr)
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -50,7 +49,6 @@ _HASH_DOMAIN = b"anomap-checkpoint-sha256\0"
 _FIX_TAMPERED = ("the file was changed or damaged after anomap wrote it: use an intact copy or retrain "
                  "(for a .partial training checkpoint, delete it or drop --resume)")
 
-log = logging.getLogger(__name__)
 
 
 class UnverifiedCheckpointWarning(UserWarning):
@@ -239,7 +237,6 @@ def _verify(path: Path, header: dict[str, str], tensors: dict[str, Tensor]) -> N
                                   path=path, fix=_FIX_TAMPERED)
         msg = (f"{path}: written before anomap stored content hashes (format {version}); loaded without "
                "an integrity check. Re-save it (anomap.load(...).save(...)) to add one.")
-        log.warning(msg)
         warnings.warn(msg, UnverifiedCheckpointWarning, stacklevel=3)
         return
     if content_hash(tensors, header[_META_KEY], version) != stored:
