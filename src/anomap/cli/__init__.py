@@ -49,4 +49,3 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         print(f"anomap: warning: {message}", file=file or sys.stderr)
     else:
         print(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=file or sys.stderr)
-

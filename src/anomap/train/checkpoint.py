@@ -50,7 +50,6 @@ _FIX_TAMPERED = ("the file was changed or damaged after anomap wrote it: use an 
                  "(for a .partial training checkpoint, delete it or drop --resume)")
 
 
-
 class UnverifiedCheckpointWarning(UserWarning):
     """A checkpoint written before content hashes existed (format 1) was loaded without verification."""
 _NOT_READABLE = "not a readable anomap checkpoint (truncated or not a safetensors file)"

@@ -203,32 +203,25 @@ class GTrans(Method):
         and head weighs the same in the map; for ``map_norm=location``, its held-out mean at each
         location relative to that (shrunk toward 1 by ``LOCATION_PRIOR`` images); for ``map_norm=quantile``,
         its ``QUANTILES`` over all locations of the held-out images."""
+        if not len(heldout):
+            return
         n = len(self.scales)
-        sums = torch.zeros(2, n, dtype=torch.float64, device=self.map_mean.device)
-        loc: list[list[Tensor | float]] = [[0.0] * n for _ in range(2)]
-        values: list[list[list[np.ndarray]]] = [[[] for _ in range(n)] for _ in range(2)]
+        dists: list[list[list[Tensor]]] = [[[] for _ in range(n)] for _ in range(2)]  # per head, scale: (B, h, w)
         for i in range(0, len(heldout), STAT_BATCH):
             targets, feat_preds, tok_preds = self._forward(heldout[i:i + STAT_BATCH].to(self.map_mean.device))
             for h, preds in enumerate((tok_preds, feat_preds)):
                 for k, (t, p) in enumerate(zip(targets, preds)):
-                    d = self.distance(t, p).double()
-                    sums[h, k] += d.mean(dim=(1, 2)).sum()
-                    loc[h][k] = loc[h][k] + d.sum(dim=0)
-                    values[h][k].append(d.flatten().cpu().numpy())
-        count = len(heldout)
-        if not count:
-            return
-        means = (sums / count).clamp_min(1e-12)
-        self.map_mean.copy_(means[0].float())
-        self.map_mean_feat.copy_(means[1].float())
-        for h in range(2):
+                    dists[h][k].append(self.distance(t, p).double())
+        for h, mean_buf in enumerate((self.map_mean, self.map_mean_feat)):
             for k in range(n):
-                q_a, q_b = np.quantile(np.concatenate(values[h][k]), QUANTILES)
+                d = torch.cat(dists[h][k])
+                m = d.mean().clamp_min(1e-12)
+                mean_buf[k] = m.float()
+                q_a, q_b = np.quantile(d.flatten().cpu().numpy(), QUANTILES)
                 self.map_quant[h, k, 0] = float(q_a)
                 self.map_quant[h, k, 1] = float(max(q_b, q_a + 1e-12 * max(abs(q_a), 1.0)))
                 buf = getattr(self, f"map_loc{h}_{k}")
-                m = means[h, k]
-                at = (loc[h][k] + LOCATION_PRIOR * m) / (count + LOCATION_PRIOR)
+                at = (d.sum(dim=0) + LOCATION_PRIOR * m) / (len(d) + LOCATION_PRIOR)
                 buf.copy_(_fit(at[None, None] / m, buf[None, None])[0, 0].clamp_min(1e-3).float())
 
     @torch.no_grad()
