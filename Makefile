@@ -29,7 +29,7 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 
 bench: install
-	$(BIN)/anomap bench --data $(BENCH_DATA) --method $(BENCH_METHODS) --out docs/benchmarks.md
+	$(BIN)/anomap bench --data $(BENCH_DATA) --method $(BENCH_METHODS) --out runs/bench/benchmarks.md
 
 clean:
 	rm -rf runs build *.egg-info src/*.egg-info .pytest_cache

@@ -1,6 +1,9 @@
-"""anomap.bench.row: one Markdown row per benchmark record, as appended to docs/benchmarks.md."""
+"""anomap.bench: one Markdown row per benchmark record, appended to a file in a run folder."""
 
-from anomap.bench import HEADER, row
+from pathlib import Path
+
+from anomap.bench import HEADER, SEP, _append, row
+from anomap.cli import build_parser
 
 
 def _rec(sets: list[str]) -> dict:
@@ -27,3 +30,20 @@ def test_label_equal_to_the_overrides_is_written_once():
     assert row(_rec(["image_size=256"]), "image_size=256").endswith("| image_size=256 |")
     assert row(_rec([]), "").endswith("|  |")
     assert row(_rec([]), "only label").endswith("| only label |")
+
+
+def test_bench_out_defaults_to_a_run_folder_not_the_docs():
+    args = build_parser().parse_args(["bench", "--data", "some/category"])
+    assert args.out == "runs/bench/benchmarks.md"
+    assert Path(args.out).parent == Path(args.runs_dir)
+
+
+def test_rows_are_appended_under_their_command_line_in_a_new_folder(tmp_path):
+    out = tmp_path / "runs" / "bench" / "benchmarks.md"
+    _append(out, ["| a |"], "anomap bench --data d")
+    _append(out, ["| b |"], "anomap bench --data e")
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n")
+    assert text.count(HEADER) == 2 and text.count(SEP) == 2
+    assert text.index("`anomap bench --data d`") < text.index("| a |") < text.index("`anomap bench --data e`")
+    assert text.index("`anomap bench --data e`") < text.index("| b |")

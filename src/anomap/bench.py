@@ -1,7 +1,8 @@
 """Benchmark runner behind ``anomap bench``: train + evaluate each (dataset, method) pair.
 
 Each pair runs in a fresh subprocess so that its peak memory is its own. A Markdown table row per
-pair is appended to the output file (docs/benchmarks.md by default), with the command and machine.
+pair is appended to the output file (``anomap bench --out``; runs/bench/benchmarks.md by default, beside
+the runs, never the repository's docs), under a line with the command, machine and date.
 """
 
 from __future__ import annotations

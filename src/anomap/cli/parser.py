@@ -150,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", nargs="+", default=["ssl_ae"])
     p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
                    help="config overrides for every run")
-    p.add_argument("--out", default="docs/benchmarks.md", help="Markdown file the rows are appended to")
+    p.add_argument("--out", default="runs/bench/benchmarks.md",
+                   help="Markdown file the rows are appended to, created if missing "
+                        "(default: runs/bench/benchmarks.md)")
     p.add_argument("--runs-dir", default="runs/bench", help="where models, metrics and reports go")
     p.add_argument("--max-minutes", type=float, help="training time budget per run")
     p.add_argument("--label", default="", help="note for the table's notes column")
