@@ -9,7 +9,7 @@ streaming run never does.
     nice -n 19 .venv/bin/python benchmarks/metrics_scale.py --sweep 500,1000,2000
     nice -n 19 .venv/bin/python benchmarks/metrics_scale.py --evaluate 300,1000   # anomap.evaluate end to end
 
-Prints Markdown tables (paste into docs/benchmarks.md with the command, machine and date).
+Prints Markdown tables (paste them into a dated file of docs/experiments/ with the command, machine and date).
 """
 
 from __future__ import annotations
