@@ -27,7 +27,8 @@ from anomap.data.dataset import test_samples
 from anomap.data.images import image_size, load_mask
 from anomap.data.transforms import resize_maps, resize_mask
 from anomap.metrics.pro import pro_curve_exact
-from anomap.metrics.roc import _trapezoid, aupr, auroc, f1max, pixel_auroc, roc_curve
+from anomap.metrics.curves import trapezoid
+from anomap.metrics.roc import aupr, auroc, f1max, pixel_auroc, roc_curve
 from anomap.metrics.streaming import DEFAULT_BINS, MapSpool
 from anomap.metrics.threshold import operating_point
 from anomap.types import EvalResult
@@ -130,7 +131,7 @@ def _pixel_metrics_exact(maps: np.ndarray, masks: np.ndarray) -> dict[str, Any]:
     pix, pix_curve = pixel_auroc(maps, masks, exact_limit=maps.size)
     pf, pp = pro_curve_exact(maps, masks, fpr_limit=PRO_LIMIT)
     info.update({"pixel_auroc_max_error": 0.0, "aupro_max_error": 0.0})
-    return {"pixel_auroc": pix, "roc": pix_curve, "aupro": _trapezoid(pp, pf) / PRO_LIMIT,
+    return {"pixel_auroc": pix, "roc": pix_curve, "aupro": trapezoid(pp, pf) / PRO_LIMIT,
             "pro": dict(zip(("fpr", "pro"), _downsample_curve(pf, pp))), "info": info}
 
 
@@ -144,7 +145,7 @@ def _pixel_metrics_streaming(spool: MapSpool) -> dict[str, Any]:
     pf, pp, pro_err = stream.pro_curve(PRO_LIMIT)
     info.update({"pixel_metrics_bins": stream.bins, "pixel_auroc_max_error": float(f"{pix_err:.3g}"),
                  "aupro_max_error": float(f"{pro_err:.3g}")})
-    return {"pixel_auroc": pix, "roc": pix_curve, "aupro": float(np.clip(_trapezoid(pp, pf) / PRO_LIMIT, 0, 1)),
+    return {"pixel_auroc": pix, "roc": pix_curve, "aupro": float(np.clip(trapezoid(pp, pf) / PRO_LIMIT, 0, 1)),
             "pro": dict(zip(("fpr", "pro"), _downsample_curve(pf, pp))), "info": info}
 
 

@@ -34,14 +34,13 @@ from typing import Self
 
 import numpy as np
 
-from anomap.metrics.pro import _limit_curve, region_weights
-from anomap.metrics.roc import _downsample_curve, _trapezoid
+from anomap.metrics.curves import MAX_CURVE_POINTS, downsample_curve, limit_curve, trapezoid
+from anomap.metrics.pro import region_weights
 
 __all__ = ["DEFAULT_BINS", "MapSpool", "PixelStream", "ValueSample", "quantile_edges"]
 
 DEFAULT_BINS = 1 << 16
 SAMPLE_CAP = 1 << 20
-_CURVE_POINTS = 500
 
 
 class ValueSample:
@@ -168,10 +167,10 @@ class PixelStream:
             raise ValueError(f"ROC needs both classes, got {n_pos} defect and {n_neg} normal pixels.")
         fpr = np.r_[0.0, np.cumsum(self.neg[::-1]) / n_neg]
         tpr = np.r_[0.0, np.cumsum(self.pos[::-1]) / n_pos]
-        value = _trapezoid(tpr, fpr)
+        value = trapezoid(tpr, fpr)
         ties = float(np.dot(self.pos.astype(np.float64), self.neg.astype(np.float64)))
         bound = 0.5 * ties / (float(n_pos) * float(n_neg))
-        fl, tl = _downsample_curve(fpr, tpr, _CURVE_POINTS)
+        fl, tl = downsample_curve(fpr, tpr, MAX_CURVE_POINTS)
         return float(value), bound, {"fpr": fl, "tpr": tl}
 
     def pro_curve(self, fpr_limit: float = 0.3) -> tuple[np.ndarray, np.ndarray, float]:
@@ -201,13 +200,13 @@ class PixelStream:
         if cut.size:
             k = int(cut[0])
             bound += (fpr_limit - fprs[k]) * dp[k]
-        f, p = _limit_curve(fprs, pros, float(fpr_limit))
+        f, p = limit_curve(fprs, pros, float(fpr_limit))
         return f, p, bound / fpr_limit
 
     def aupro(self, fpr_limit: float = 0.3) -> tuple[float, float]:
         """``(aupro, max_error)``, AUPRO normalised by ``fpr_limit``."""
         f, p, bound = self.pro_curve(fpr_limit)
-        return float(np.clip(_trapezoid(p, f) / fpr_limit, 0.0, 1.0)), bound
+        return float(np.clip(trapezoid(p, f) / fpr_limit, 0.0, 1.0)), bound
 
 
 class MapSpool:
