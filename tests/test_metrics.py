@@ -7,6 +7,7 @@ import pytest
 from scipy import ndimage
 from sklearn import metrics as skm
 
+from anomap.metrics.curves import downsample_curve
 from anomap.metrics.pro import aupro, pro_curve
 from anomap.metrics.roc import (
     BinnedROC,
@@ -156,6 +157,23 @@ def test_pixel_auroc_exact_and_binned(tmp_path) -> None:
             pixel_auroc(bad, masks, exact_limit=limit)
     with pytest.raises(ValueError, match="shape"):
         pixel_auroc(maps, masks[:, :-1])
+
+
+def test_downsample_curve_keeps_the_ends_and_spreads_points_along_the_curve() -> None:
+    # A curve that climbs straight up in 9,000 points, then runs right in 1,000: taking every k-th
+    # point would put nine in ten on the climb; equal steps along the drawn curve put about half.
+    x = np.r_[np.zeros(9000), np.linspace(0.0, 1.0, 1000)]
+    y = np.r_[np.linspace(0.0, 1.0, 9000), np.ones(1000)]
+    fx, fy = downsample_curve(x, y, 100)
+    assert len(fx) == len(fy) <= 101 and all(isinstance(v, float) for v in fx)
+    assert (fx[0], fy[0], fx[-1], fy[-1]) == (0.0, 0.0, 1.0, 1.0)
+    climb = sum(1 for v in fx if v == 0.0)
+    assert 40 <= climb <= 60, climb
+    # Axes are scaled by their span (a PRO curve ends at fpr 0.3): still about half on the climb.
+    gx, gy = downsample_curve(0.3 * x, y, 100)
+    assert len(gx) <= 101 and gx[-1] == 0.3 * x[-1] and 40 <= sum(1 for v in gx if v == 0.0) <= 60
+    # Short curves come back whole.
+    assert downsample_curve(x[:50], y[:50], 100) == (x[:50].tolist(), y[:50].tolist())
 
 
 def _brute_aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> float:

@@ -27,7 +27,7 @@ from anomap.data.dataset import test_samples
 from anomap.data.images import image_size, load_mask
 from anomap.data.transforms import resize_maps, resize_mask
 from anomap.metrics.pro import pro_curve_exact
-from anomap.metrics.curves import trapezoid
+from anomap.metrics.curves import downsample_curve, trapezoid
 from anomap.metrics.roc import aupr, auroc, f1max, pixel_auroc, roc_curve
 from anomap.metrics.streaming import DEFAULT_BINS, MapSpool
 from anomap.metrics.threshold import operating_point
@@ -39,13 +39,6 @@ PRO_LIMIT = 0.3
 # images at 256x256) is ~0.7 GB; larger sets stream (memory independent of the number of images).
 EXACT_PIXEL_LIMIT = 1 << 24
 PIXEL_MODES = ("auto", "exact", "streaming")
-
-
-def _downsample_curve(x: np.ndarray, y: np.ndarray, n: int = 500) -> tuple[list[float], list[float]]:
-    if len(x) > n:
-        idx = np.unique(np.linspace(0, len(x) - 1, n).round().astype(int))
-        x, y = x[idx], y[idx]
-    return [float(v) for v in x], [float(v) for v in y]
 
 
 def choose_pixel_mode(pixel_mode: str, n_pixels: int, limit: int | None = None) -> str:
@@ -132,7 +125,7 @@ def _pixel_metrics_exact(maps: np.ndarray, masks: np.ndarray) -> dict[str, Any]:
     pf, pp = pro_curve_exact(maps, masks, fpr_limit=PRO_LIMIT)
     info.update({"pixel_auroc_max_error": 0.0, "aupro_max_error": 0.0})
     return {"pixel_auroc": pix, "roc": pix_curve, "aupro": trapezoid(pp, pf) / PRO_LIMIT,
-            "pro": dict(zip(("fpr", "pro"), _downsample_curve(pf, pp))), "info": info}
+            "pro": dict(zip(("fpr", "pro"), downsample_curve(pf, pp))), "info": info}
 
 
 def _pixel_metrics_streaming(spool: MapSpool) -> dict[str, Any]:
@@ -146,7 +139,7 @@ def _pixel_metrics_streaming(spool: MapSpool) -> dict[str, Any]:
     info.update({"pixel_metrics_bins": stream.bins, "pixel_auroc_max_error": float(f"{pix_err:.3g}"),
                  "aupro_max_error": float(f"{pro_err:.3g}")})
     return {"pixel_auroc": pix, "roc": pix_curve, "aupro": float(np.clip(trapezoid(pp, pf) / PRO_LIMIT, 0, 1)),
-            "pro": dict(zip(("fpr", "pro"), _downsample_curve(pf, pp))), "info": info}
+            "pro": dict(zip(("fpr", "pro"), downsample_curve(pf, pp))), "info": info}
 
 
 def _metrics(det: Any, samples, scores, labels, pixel: dict[str, Any]) -> EvalResult:
@@ -179,7 +172,7 @@ def _metrics(det: Any, samples, scores, labels, pixel: dict[str, Any]) -> EvalRe
         for s, sc in zip(samples, scores)
     ]
     curves = {
-        "image_roc": dict(zip(("fpr", "tpr"), _downsample_curve(fpr, tpr))),
+        "image_roc": dict(zip(("fpr", "tpr"), downsample_curve(fpr, tpr))),
         "pixel_roc": {"fpr": list(pix_curve.get("fpr", [])), "tpr": list(pix_curve.get("tpr", []))},
         "pro": pro_c,
     }
