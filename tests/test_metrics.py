@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 from scipy import ndimage
 from sklearn import metrics as skm
 
-from anomap.metrics.curves import downsample_curve
+from anomap.metrics.curves import area_rounding_bound, downsample_curve, round_up, trapezoid
 from anomap.metrics.pro import aupro, pro_curve
 from anomap.metrics.roc import (
     BinnedROC,
@@ -174,6 +176,27 @@ def test_downsample_curve_keeps_the_ends_and_spreads_points_along_the_curve() ->
     assert len(gx) <= 101 and gx[-1] == 0.3 * x[-1] and 40 <= sum(1 for v in gx if v == 0.0) <= 60
     # Short curves come back whole.
     assert downsample_curve(x[:50], y[:50], 100) == (x[:50].tolist(), y[:50].tolist())
+
+
+def test_area_rounding_bound_covers_the_floating_point_error_of_an_auroc() -> None:
+    # The true area of a ROC curve from integer counts, in exact rational arithmetic, against the
+    # float64 trapezoid: within area_rounding_bound, which is tiny but not zero.
+    rng = np.random.default_rng(5)
+    fps = np.r_[0, np.cumsum(rng.integers(0, 7, 3000))]
+    tps = np.r_[0, np.cumsum(rng.integers(0, 5, 3000))]
+    n_neg, n_pos = int(fps[-1]), int(tps[-1])
+    exact = sum(Fraction(int(f1 - f0), n_neg) * Fraction(int(t1 + t0), n_pos)
+                for f0, f1, t0, t1 in zip(fps[:-1], fps[1:], tps[:-1], tps[1:])) / 2
+    value = trapezoid(tps / n_pos, fps / n_neg)
+    bound = area_rounding_bound(fps.size)
+    assert abs(Fraction(value) - exact) <= Fraction(bound) and 0.0 < bound < 1e-11
+
+
+def test_round_up_keeps_a_bound_a_bound() -> None:
+    for value in (1.2345e-5, 9.994e-5, 9.996e-5, 0.5, 1.0 / 3.0, 2.0**-40):
+        short = round_up(value)
+        assert value <= short <= value * 1.01 and len(f"{short:.6e}".split("e")[0].rstrip("0")) <= 5
+    assert round_up(1.23e-5) == 1.23e-5 and round_up(0.0) == 0.0  # already short: unchanged
 
 
 def _brute_aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> float:

@@ -8,9 +8,13 @@ Pixel metrics have two modes, recorded in ``EvalResult.info["pixel_metrics_mode"
   size): maps and masks are kept in memory; pixel AUROC and AUPRO use every distinct map value as a
   threshold.
 * ``streaming`` (above the limit): maps go to a temporary file on disk and are binned in a second
-  pass (:mod:`anomap.metrics.streaming`); memory no longer grows with the number of images. The
-  bound on the difference to the exact value is reported as ``pixel_auroc_max_error`` and
-  ``aupro_max_error``.
+  pass (:mod:`anomap.metrics.streaming`); memory no longer grows with the number of images.
+
+Both modes report a bound on the difference to the mathematically exact value as
+``pixel_auroc_max_error`` and ``aupro_max_error`` (rounded up to 3 significant digits): the binning
+error (streaming) plus the floating-point error of the sums (both modes;
+:func:`anomap.metrics.curves.area_rounding_bound`, about 1e-8 at the exact limit). Two results differ
+by at most the sum of their bounds.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from anomap.data.dataset import test_samples
 from anomap.data.images import image_size, load_mask
 from anomap.data.transforms import resize_maps, resize_mask
 from anomap.metrics.pro import pro_curve_exact
-from anomap.metrics.curves import downsample_curve, trapezoid
+from anomap.metrics.curves import area_rounding_bound, downsample_curve, round_up, trapezoid
 from anomap.metrics.roc import aupr, auroc, f1max, pixel_auroc, roc_curve
 from anomap.metrics.streaming import DEFAULT_BINS, MapSpool
 from anomap.metrics.threshold import operating_point
@@ -123,7 +127,10 @@ def _pixel_metrics_exact(maps: np.ndarray, masks: np.ndarray) -> dict[str, Any]:
         return {"pixel_auroc": None, "roc": {}, "aupro": None, "pro": {"fpr": [], "pro": []}, "info": info}
     pix, pix_curve = pixel_auroc(maps, masks, exact_limit=maps.size)
     pf, pp = pro_curve_exact(maps, masks, fpr_limit=PRO_LIMIT)
-    info.update({"pixel_auroc_max_error": 0.0, "aupro_max_error": 0.0})
+    # Exact up to floating point: both curves have at most one point per pixel plus two, and PRO's
+    # running sums add at most one weight per pixel (see area_rounding_bound).
+    rounding = round_up(area_rounding_bound(maps.size + 2))
+    info.update({"pixel_auroc_max_error": rounding, "aupro_max_error": rounding})
     return {"pixel_auroc": pix, "roc": pix_curve, "aupro": trapezoid(pp, pf) / PRO_LIMIT,
             "pro": dict(zip(("fpr", "pro"), downsample_curve(pf, pp))), "info": info}
 
@@ -136,9 +143,10 @@ def _pixel_metrics_streaming(spool: MapSpool) -> dict[str, Any]:
     stream = spool.stream(DEFAULT_BINS)
     pix, pix_err, pix_curve = stream.pixel_auroc()
     pf, pp, pro_err = stream.pro_curve(PRO_LIMIT)
-    info.update({"pixel_metrics_bins": stream.bins, "pixel_auroc_max_error": float(f"{pix_err:.3g}"),
-                 "aupro_max_error": float(f"{pro_err:.3g}")})
-    return {"pixel_auroc": pix, "roc": pix_curve, "aupro": float(np.clip(trapezoid(pp, pf) / PRO_LIMIT, 0, 1)),
+    info.update({"pixel_metrics_bins": stream.bins, "pixel_auroc_max_error": round_up(pix_err),
+                 "aupro_max_error": round_up(pro_err)})
+    aupro = float(np.clip(trapezoid(pp, pf) / PRO_LIMIT, 0, 1))
+    return {"pixel_auroc": pix, "roc": pix_curve, "aupro": aupro,
             "pro": dict(zip(("fpr", "pro"), downsample_curve(pf, pp))), "info": info}
 
 

@@ -11,7 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from anomap.metrics.curves import MAX_CURVE_POINTS, check_pixel_inputs, downsample_curve, trapezoid
+from anomap.metrics.curves import (
+    MAX_CURVE_POINTS,
+    area_rounding_bound,
+    check_pixel_inputs,
+    downsample_curve,
+    trapezoid,
+)
 
 __all__ = ["BinnedROC", "aupr", "auroc", "f1max", "pixel_auroc", "precision_recall_curve", "roc_curve"]
 
@@ -233,7 +239,8 @@ class BinnedROC:
 
     def max_error(self) -> float:
         """Bound on ``|self.auroc() - exact AUROC|``: half the share of positive/negative pairs that
-        share a bin (such a pair counts 1/2 here, and 0, 1/2 or 1 in the exact value).
+        share a bin (such a pair counts 1/2 here, and 0, 1/2 or 1 in the exact value), plus the
+        floating-point error of the area (:func:`anomap.metrics.curves.area_rounding_bound`).
 
         Raises:
             ValueError: If only one class has been seen so far.
@@ -242,7 +249,7 @@ class BinnedROC:
         if n_pos == 0 or n_neg == 0:
             raise ValueError(f"ROC needs both classes, got {n_pos} positive and {n_neg} negative samples.")
         ties = float(np.dot(self.pos.astype(np.float64), self.neg.astype(np.float64)))
-        return 0.5 * ties / (float(n_pos) * float(n_neg))
+        return 0.5 * ties / (float(n_pos) * float(n_neg)) + area_rounding_bound(self.bins + 1)
 
     def auroc(self) -> float:
         """Area under :meth:`curve` (trapezoid rule).
