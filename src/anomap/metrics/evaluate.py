@@ -30,12 +30,12 @@ from tqdm import tqdm
 from anomap.data.dataset import test_samples
 from anomap.data.images import image_size, load_mask
 from anomap.data.transforms import resize_maps, resize_mask
-from anomap.metrics.pro import pro_curve_exact
 from anomap.metrics.curves import area_rounding_bound, downsample_curve, round_up, trapezoid
+from anomap.metrics.pro import pro_curve_exact
 from anomap.metrics.roc import aupr, auroc, f1max, pixel_auroc, roc_curve
 from anomap.metrics.streaming import DEFAULT_BINS, MapSpool
 from anomap.metrics.threshold import operating_point
-from anomap.types import EvalResult
+from anomap.types import EvalResult, EvaluableDetector, Sample
 
 BATCH = 16
 PRO_LIMIT = 0.3
@@ -54,12 +54,13 @@ def choose_pixel_mode(pixel_mode: str, n_pixels: int, limit: int | None = None) 
     return "exact" if n_pixels <= (EXACT_PIXEL_LIMIT if limit is None else limit) else "streaming"
 
 
-def evaluate(det: Any, path: str | Path, eval_size: int | None = None, progress: bool = True,
+def evaluate(det: EvaluableDetector, path: str | Path, eval_size: int | None = None, progress: bool = True,
              pixel_mode: str = "auto") -> EvalResult:
     """Score every image of ``path/test`` and compute metrics against the ground truth.
 
     Args:
-        det: a trained ``anomap.Detector``.
+        det: a trained ``anomap.Detector`` (or anything with what
+            :class:`~anomap.types.EvaluableDetector` lists).
         path: MVTec-layout category (``test/good``, ``test/<defect>``, ``ground_truth/<defect>``).
         eval_size: resolution of the pixel metrics (default: the detector's ``eval_size``, 256).
         progress: show a progress bar.
@@ -76,12 +77,9 @@ def evaluate(det: Any, path: str | Path, eval_size: int | None = None, progress:
     mode = choose_pixel_mode(pixel_mode, n * e * e)
     scores = np.zeros(n, np.float64)
     with tempfile.TemporaryDirectory(prefix="anomap-eval-") as tmp:
-        if mode == "streaming":
-            spool: MapSpool | None = MapSpool(tmp, e)
-            maps = masks = None
-        else:
-            spool = None
-            maps, masks = np.zeros((n, e, e), np.float32), np.zeros((n, e, e), bool)
+        spool = MapSpool(tmp, e) if mode == "streaming" else None
+        kept = 0 if spool is not None else n  # maps kept in memory: all of them in the exact mode
+        maps, masks = np.zeros((kept, e, e), np.float32), np.zeros((kept, e, e), bool)
         t0 = time.perf_counter()
         bar = tqdm(total=n, desc="evaluating", unit="img", disable=not progress)
         for i in range(0, n, BATCH):
@@ -150,7 +148,8 @@ def _pixel_metrics_streaming(spool: MapSpool) -> dict[str, Any]:
             "pro": dict(zip(("fpr", "pro"), downsample_curve(pf, pp))), "info": info}
 
 
-def _metrics(det: Any, samples, scores, labels, pixel: dict[str, Any]) -> EvalResult:
+def _metrics(det: EvaluableDetector, samples: list[Sample], scores: np.ndarray, labels: np.ndarray,
+             pixel: dict[str, Any]) -> EvalResult:
     thr = det.calibration.threshold
     f1, _ = f1max(scores, labels)
     pix, pix_curve, pro_value, pro_c = pixel["pixel_auroc"], pixel["roc"], pixel["aupro"], pixel["pro"]
