@@ -335,8 +335,11 @@ def test_bad_mae_checkpoints_raise_checkpoint_error(tmp_path: Path, tiny_categor
     del state["norm.weight"]
     state["extra.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "partial.pth")
+    target = tiny_model()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
     with pytest.raises(CheckpointError, match=r"missing encoder\.norm\.weight.*unexpected extra\.weight"):
-        load_mae_checkpoint(tiny_model(), tmp_path / "partial.pth")
+        load_mae_checkpoint(target, tmp_path / "partial.pth")
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())  # nothing half-loaded
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot read the MAE checkpoint"):
         load_mae_checkpoint(tiny_model(), tmp_path / "junk.pth")

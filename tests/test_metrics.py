@@ -1,12 +1,20 @@
-"""Tests of anomap.metrics: ROC/PR against scikit-learn, binned ROC, pixel AUROC, AUPRO, thresholds."""
+"""Tests of anomap.metrics: ROC/PR against scikit-learn, binned ROC, pixel AUROC, AUPRO, curves, thresholds,
+and what evaluate needs of a detector."""
 
 from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from scipy import ndimage
 from sklearn import metrics as skm
 
+from anomap.data.images import load_image
+from anomap.metrics.curves import area_rounding_bound, downsample_curve, round_up, trapezoid
+from anomap.metrics.evaluate import evaluate
 from anomap.metrics.pro import aupro, pro_curve
 from anomap.metrics.roc import (
     BinnedROC,
@@ -18,6 +26,7 @@ from anomap.metrics.roc import (
     roc_curve,
 )
 from anomap.metrics.threshold import operating_point, threshold_at_fpr
+from anomap.types import Calibration, EvaluableDetector
 
 
 def _random_case(rng: np.random.Generator, kind: str, n: int = 300) -> tuple[np.ndarray, np.ndarray]:
@@ -158,6 +167,44 @@ def test_pixel_auroc_exact_and_binned(tmp_path) -> None:
         pixel_auroc(maps, masks[:, :-1])
 
 
+def test_downsample_curve_keeps_the_ends_and_spreads_points_along_the_curve() -> None:
+    # A curve that climbs straight up in 9,000 points, then runs right in 1,000: taking every k-th
+    # point would put nine in ten on the climb; equal steps along the drawn curve put about half.
+    x = np.r_[np.zeros(9000), np.linspace(0.0, 1.0, 1000)]
+    y = np.r_[np.linspace(0.0, 1.0, 9000), np.ones(1000)]
+    fx, fy = downsample_curve(x, y, 100)
+    assert len(fx) == len(fy) <= 101 and all(isinstance(v, float) for v in fx)
+    assert (fx[0], fy[0], fx[-1], fy[-1]) == (0.0, 0.0, 1.0, 1.0)
+    climb = sum(1 for v in fx if v == 0.0)
+    assert 40 <= climb <= 60, climb
+    # Axes are scaled by their span (a PRO curve ends at fpr 0.3): still about half on the climb.
+    gx, gy = downsample_curve(0.3 * x, y, 100)
+    assert len(gx) <= 101 and gx[-1] == 0.3 * x[-1] and 40 <= sum(1 for v in gx if v == 0.0) <= 60
+    # Short curves come back whole.
+    assert downsample_curve(x[:50], y[:50], 100) == (x[:50].tolist(), y[:50].tolist())
+
+
+def test_area_rounding_bound_covers_the_floating_point_error_of_an_auroc() -> None:
+    # The true area of a ROC curve from integer counts, in exact rational arithmetic, against the
+    # float64 trapezoid: within area_rounding_bound, which is tiny but not zero.
+    rng = np.random.default_rng(5)
+    fps = np.r_[0, np.cumsum(rng.integers(0, 7, 3000))]
+    tps = np.r_[0, np.cumsum(rng.integers(0, 5, 3000))]
+    n_neg, n_pos = int(fps[-1]), int(tps[-1])
+    exact = sum(Fraction(int(f1 - f0), n_neg) * Fraction(int(t1 + t0), n_pos)
+                for f0, f1, t0, t1 in zip(fps[:-1], fps[1:], tps[:-1], tps[1:], strict=True)) / 2
+    value = trapezoid(tps / n_pos, fps / n_neg)
+    bound = area_rounding_bound(fps.size)
+    assert abs(Fraction(value) - exact) <= Fraction(bound) and 0.0 < bound < 1e-11
+
+
+def test_round_up_keeps_a_bound_a_bound() -> None:
+    for value in (1.2345e-5, 9.994e-5, 9.996e-5, 0.5, 1.0 / 3.0, 2.0**-40):
+        short = round_up(value)
+        assert value <= short <= value * 1.01 and len(f"{short:.6e}".split("e")[0].rstrip("0")) <= 5
+    assert round_up(1.23e-5) == 1.23e-5 and round_up(0.0) == 0.0  # already short: unchanged
+
+
 def _brute_aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> float:
     """Exact AUPRO with a threshold at every distinct map value (pixel anomalous when map >= t)."""
     normal = np.sort(maps[~masks])
@@ -275,3 +322,27 @@ def test_operating_point_hand_made() -> None:
     assert op == {"fpr": 0.0, "recall": 0.0, "precision": None, "f1": 0.0}
     op = operating_point([0.2, 0.9], [0, 0], 0.5)
     assert op["fpr"] == 0.5 and op["recall"] is None and op["f1"] is None and op["precision"] == 0.0
+
+
+class _BrightnessDetector:
+    """Only what anomap.types.EvaluableDetector lists: the anomaly map is the image's brightness."""
+
+    method_name = "brightness"
+    config = SimpleNamespace(image_size=48, eval_size=48)
+    calibration = Calibration(threshold=0.99, target_fpr=0.05, n_heldout=3)
+
+    def prepare(self, image: Path) -> tuple[np.ndarray, tuple[int, int]]:
+        arr = load_image(image, channels=1)
+        return arr, arr.shape[:2]
+
+    def predict_raw(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps = images[..., 0].astype(np.float32) / 255.0
+        return maps.reshape(len(maps), -1).max(1), maps
+
+
+def test_evaluate_needs_only_the_evaluable_detector_protocol(tiny_category) -> None:
+    det: EvaluableDetector = _BrightnessDetector()
+    res = evaluate(det, tiny_category, progress=False)
+    assert res.info["method"] == "brightness" and res.info["eval_size"] == 48 and res.info["n_heldout"] == 3
+    assert res.metrics["pixel_auroc"] is not None and 0.5 < res.metrics["pixel_auroc"] <= 1.0
+    assert res.metrics["test_fpr"] is not None and len(res.rows) == 8

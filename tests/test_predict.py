@@ -98,11 +98,17 @@ def test_onnx_backend_gives_the_same_verdicts(setup, tmp_path):
     assert main(["predict", str(setup["onnx"]), str(setup["in"]), "--out", str(b), "-q", "--batch-size", "3"]) == 1
     ra, rb = read_csv(a), read_csv(b)
     assert [r["path"] for r in ra] == [r["path"] for r in rb]
-    assert [(r["status"], r["is_anomalous"]) for r in ra] == [(r["status"], r["is_anomalous"]) for r in rb]
+    assert [r["status"] for r in ra] == [r["status"] for r in rb]
     thr = float(ra[0]["threshold"])
+    tol = 1e-3 * abs(thr)  # torch and onnxruntime add in different orders: scores agree to about this
     for x, y in zip(ra, rb, strict=True):
         if x["status"] == "ok":
-            assert abs(float(x["score"]) - float(y["score"])) <= 1e-3 * thr
+            sx, sy = float(x["score"]), float(y["score"])
+            assert abs(sx - sy) <= tol
+            for r, s in ((x, sx), (y, sy)):  # each backend's verdict is its own score against the threshold
+                assert r["is_anomalous"] == str(s > float(r["threshold"]))
+            if abs(sx - thr) > tol:  # only a score within the backends' difference of it may flip
+                assert x["is_anomalous"] == y["is_anomalous"]
 
 
 def test_batch_size_does_not_change_results(setup):

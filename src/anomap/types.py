@@ -1,9 +1,10 @@
-"""Small shared types: results, splits and dataset samples."""
+"""Small shared types: results, splits and dataset samples, and the protocols at the main seams."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -94,3 +95,51 @@ class EvalResult:
     curves: dict[str, dict[str, list[float]]]
     per_defect: dict[str, float]
     info: dict
+
+
+# --- The evaluation seam: what anomap.evaluate uses of a detector ------------------------------------
+# (anomap.metrics types against this and never imports anomap.detector; anomap.Detector satisfies it)
+
+
+class EvalSizes(Protocol):
+    """The two sizes :func:`anomap.evaluate` reads of a detector's config."""
+
+    @property
+    def image_size(self) -> int:
+        """Working resolution (square) the model sees."""
+        ...
+
+    @property
+    def eval_size(self) -> int:
+        """Default resolution of the pixel metrics."""
+        ...
+
+
+class EvaluableDetector(Protocol):
+    """A trained detector as :func:`anomap.evaluate` uses it, and nothing more."""
+
+    @property
+    def method_name(self) -> str:
+        """Registered name of the method (recorded in ``EvalResult.info``)."""
+        ...
+
+    @property
+    def config(self) -> EvalSizes:
+        """The configuration; only its sizes are read."""
+        ...
+
+    @property
+    def calibration(self) -> Calibration:
+        """Threshold, target FPR and held-out count (recorded; the threshold gives the verdicts)."""
+        ...
+
+    def prepare(self, image: Path) -> tuple[np.ndarray, tuple[int, int]]:
+        """One image file -> uint8 (S, S, C) at the working size, and its original (H, W)."""
+        ...
+
+    def predict_raw(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw scores (N,) and anomaly maps (N, S, S) for uint8 images (N, S, S, C) at the working size."""
+        ...
+
+
+# --- end of the evaluation seam ------------------------------------------------------------------------

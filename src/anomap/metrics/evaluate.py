@@ -8,9 +8,13 @@ Pixel metrics have two modes, recorded in ``EvalResult.info["pixel_metrics_mode"
   size): maps and masks are kept in memory; pixel AUROC and AUPRO use every distinct map value as a
   threshold.
 * ``streaming`` (above the limit): maps go to a temporary file on disk and are binned in a second
-  pass (:mod:`anomap.metrics.streaming`); memory no longer grows with the number of images. The
-  bound on the difference to the exact value is reported as ``pixel_auroc_max_error`` and
-  ``aupro_max_error``.
+  pass (:mod:`anomap.metrics.streaming`); memory no longer grows with the number of images.
+
+Both modes report a bound on the difference to the mathematically exact value as
+``pixel_auroc_max_error`` and ``aupro_max_error`` (rounded up to 3 significant digits): the binning
+error (streaming) plus the floating-point error of the sums (both modes;
+:func:`anomap.metrics.curves.area_rounding_bound`, about 1e-8 at the exact limit). Two results differ
+by at most the sum of their bounds.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from tqdm import tqdm
 from anomap.data.dataset import test_samples
 from anomap.data.images import image_size, load_mask
 from anomap.data.transforms import resize_maps, resize_mask
+from anomap.metrics.curves import area_rounding_bound, downsample_curve, round_up, trapezoid
 from anomap.metrics.pro import pro_curve_exact
-from anomap.metrics.roc import _trapezoid, aupr, auroc, f1max, pixel_auroc, roc_curve
+from anomap.metrics.roc import aupr, auroc, f1max, pixel_auroc, roc_curve
 from anomap.metrics.streaming import DEFAULT_BINS, MapSpool
 from anomap.metrics.threshold import operating_point
-from anomap.types import EvalResult
+from anomap.types import EvalResult, EvaluableDetector, Sample
 
 BATCH = 16
 PRO_LIMIT = 0.3
@@ -38,13 +43,6 @@ PRO_LIMIT = 0.3
 # images at 256x256) is ~0.7 GB; larger sets stream (memory independent of the number of images).
 EXACT_PIXEL_LIMIT = 1 << 24
 PIXEL_MODES = ("auto", "exact", "streaming")
-
-
-def _downsample_curve(x: np.ndarray, y: np.ndarray, n: int = 500) -> tuple[list[float], list[float]]:
-    if len(x) > n:
-        idx = np.unique(np.linspace(0, len(x) - 1, n).round().astype(int))
-        x, y = x[idx], y[idx]
-    return [float(v) for v in x], [float(v) for v in y]
 
 
 def choose_pixel_mode(pixel_mode: str, n_pixels: int, limit: int | None = None) -> str:
@@ -56,12 +54,13 @@ def choose_pixel_mode(pixel_mode: str, n_pixels: int, limit: int | None = None) 
     return "exact" if n_pixels <= (EXACT_PIXEL_LIMIT if limit is None else limit) else "streaming"
 
 
-def evaluate(det: Any, path: str | Path, eval_size: int | None = None, progress: bool = True,
+def evaluate(det: EvaluableDetector, path: str | Path, eval_size: int | None = None, progress: bool = True,
              pixel_mode: str = "auto") -> EvalResult:
     """Score every image of ``path/test`` and compute metrics against the ground truth.
 
     Args:
-        det: a trained ``anomap.Detector``.
+        det: a trained ``anomap.Detector`` (or anything with what
+            :class:`~anomap.types.EvaluableDetector` lists).
         path: MVTec-layout category (``test/good``, ``test/<defect>``, ``ground_truth/<defect>``).
         eval_size: resolution of the pixel metrics (default: the detector's ``eval_size``, 256).
         progress: show a progress bar.
@@ -78,12 +77,9 @@ def evaluate(det: Any, path: str | Path, eval_size: int | None = None, progress:
     mode = choose_pixel_mode(pixel_mode, n * e * e)
     scores = np.zeros(n, np.float64)
     with tempfile.TemporaryDirectory(prefix="anomap-eval-") as tmp:
-        if mode == "streaming":
-            spool: MapSpool | None = MapSpool(tmp, e)
-            maps = masks = None
-        else:
-            spool = None
-            maps, masks = np.zeros((n, e, e), np.float32), np.zeros((n, e, e), bool)
+        spool = MapSpool(tmp, e) if mode == "streaming" else None
+        kept = 0 if spool is not None else n  # maps kept in memory: all of them in the exact mode
+        maps, masks = np.zeros((kept, e, e), np.float32), np.zeros((kept, e, e), bool)
         t0 = time.perf_counter()
         bar = tqdm(total=n, desc="evaluating", unit="img", disable=not progress)
         for i in range(0, n, BATCH):
@@ -129,9 +125,12 @@ def _pixel_metrics_exact(maps: np.ndarray, masks: np.ndarray) -> dict[str, Any]:
         return {"pixel_auroc": None, "roc": {}, "aupro": None, "pro": {"fpr": [], "pro": []}, "info": info}
     pix, pix_curve = pixel_auroc(maps, masks, exact_limit=maps.size)
     pf, pp = pro_curve_exact(maps, masks, fpr_limit=PRO_LIMIT)
-    info.update({"pixel_auroc_max_error": 0.0, "aupro_max_error": 0.0})
-    return {"pixel_auroc": pix, "roc": pix_curve, "aupro": _trapezoid(pp, pf) / PRO_LIMIT,
-            "pro": dict(zip(("fpr", "pro"), _downsample_curve(pf, pp))), "info": info}
+    # Exact up to floating point: both curves have at most one point per pixel plus two, and PRO's
+    # running sums add at most one weight per pixel (see area_rounding_bound).
+    rounding = round_up(area_rounding_bound(maps.size + 2))
+    info.update({"pixel_auroc_max_error": rounding, "aupro_max_error": rounding})
+    return {"pixel_auroc": pix, "roc": pix_curve, "aupro": trapezoid(pp, pf) / PRO_LIMIT,
+            "pro": dict(zip(("fpr", "pro"), downsample_curve(pf, pp))), "info": info}
 
 
 def _pixel_metrics_streaming(spool: MapSpool) -> dict[str, Any]:
@@ -142,13 +141,15 @@ def _pixel_metrics_streaming(spool: MapSpool) -> dict[str, Any]:
     stream = spool.stream(DEFAULT_BINS)
     pix, pix_err, pix_curve = stream.pixel_auroc()
     pf, pp, pro_err = stream.pro_curve(PRO_LIMIT)
-    info.update({"pixel_metrics_bins": stream.bins, "pixel_auroc_max_error": float(f"{pix_err:.3g}"),
-                 "aupro_max_error": float(f"{pro_err:.3g}")})
-    return {"pixel_auroc": pix, "roc": pix_curve, "aupro": float(np.clip(_trapezoid(pp, pf) / PRO_LIMIT, 0, 1)),
-            "pro": dict(zip(("fpr", "pro"), _downsample_curve(pf, pp))), "info": info}
+    info.update({"pixel_metrics_bins": stream.bins, "pixel_auroc_max_error": round_up(pix_err),
+                 "aupro_max_error": round_up(pro_err)})
+    aupro = float(np.clip(trapezoid(pp, pf) / PRO_LIMIT, 0, 1))
+    return {"pixel_auroc": pix, "roc": pix_curve, "aupro": aupro,
+            "pro": dict(zip(("fpr", "pro"), downsample_curve(pf, pp))), "info": info}
 
 
-def _metrics(det: Any, samples, scores, labels, pixel: dict[str, Any]) -> EvalResult:
+def _metrics(det: EvaluableDetector, samples: list[Sample], scores: np.ndarray, labels: np.ndarray,
+             pixel: dict[str, Any]) -> EvalResult:
     thr = det.calibration.threshold
     f1, _ = f1max(scores, labels)
     pix, pix_curve, pro_value, pro_c = pixel["pixel_auroc"], pixel["roc"], pixel["aupro"], pixel["pro"]
@@ -178,7 +179,7 @@ def _metrics(det: Any, samples, scores, labels, pixel: dict[str, Any]) -> EvalRe
         for s, sc in zip(samples, scores)
     ]
     curves = {
-        "image_roc": dict(zip(("fpr", "tpr"), _downsample_curve(fpr, tpr))),
+        "image_roc": dict(zip(("fpr", "tpr"), downsample_curve(fpr, tpr))),
         "pixel_roc": {"fpr": list(pix_curve.get("fpr", [])), "tpr": list(pix_curve.get("tpr", []))},
         "pro": pro_c,
     }

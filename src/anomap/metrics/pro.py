@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from anomap.metrics.roc import _check_pixel_inputs, _trapezoid
+from anomap.metrics.curves import check_pixel_inputs, limit_curve, trapezoid
 
 __all__ = ["aupro", "aupro_exact", "pro_curve", "pro_curve_exact", "region_weights"]
 
@@ -26,7 +26,7 @@ _STRUCTURE = np.ones((3, 3), dtype=bool)
 def _check_inputs(
     maps: Any, masks: Any, fpr_limit: float, num_thresholds: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    maps_arr, masks_arr = _check_pixel_inputs(maps, masks)
+    maps_arr, masks_arr = check_pixel_inputs(maps, masks)
     if maps_arr.shape[0] == 0:
         raise ValueError("PRO needs at least one image.")
     if not 0.0 < fpr_limit <= 1.0:
@@ -97,22 +97,6 @@ def _pro_counts(
     return overlap_sum, n_regions, normal_above, n_normal
 
 
-def _limit_curve(fprs: np.ndarray, pros: np.ndarray, fpr_limit: float) -> tuple[np.ndarray, np.ndarray]:
-    """Keeps points with fpr <= fpr_limit and adds the point at fpr_limit by linear interpolation.
-
-    ``fprs`` must be non-decreasing, start at 0 and end at a value >= ``fpr_limit``.
-    """
-    keep = int(np.searchsorted(fprs, fpr_limit, side="right"))
-    out_f, out_p = fprs[:keep], pros[:keep]
-    if out_f[-1] < fpr_limit and keep < fprs.size:
-        f0, f1 = fprs[keep - 1], fprs[keep]
-        p0, p1 = pros[keep - 1], pros[keep]
-        p_lim = p0 + (p1 - p0) * (fpr_limit - f0) / (f1 - f0)
-        out_f = np.r_[out_f, fpr_limit]
-        out_p = np.r_[out_p, p_lim]
-    return out_f, out_p
-
-
 def pro_curve(
     maps: Any, masks: Any, fpr_limit: float = 0.3, num_thresholds: int = 1000
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +133,7 @@ def pro_curve(
     # Guard against rounding: both are mathematically monotone.
     fprs = np.maximum.accumulate(np.clip(fprs, 0.0, 1.0))
     pros = np.maximum.accumulate(np.clip(pros, 0.0, 1.0))
-    return _limit_curve(fprs, pros, float(fpr_limit))
+    return limit_curve(fprs, pros, float(fpr_limit))
 
 
 def aupro(maps: Any, masks: Any, fpr_limit: float = 0.3, num_thresholds: int = 1000) -> float:
@@ -168,7 +152,7 @@ def aupro(maps: Any, masks: Any, fpr_limit: float = 0.3, num_thresholds: int = 1
         ValueError: If no image has any defect pixel, or the inputs are invalid (see :func:`pro_curve`).
     """
     fprs, pros = pro_curve(maps, masks, fpr_limit=fpr_limit, num_thresholds=num_thresholds)
-    return float(np.clip(_trapezoid(pros, fprs) / fpr_limit, 0.0, 1.0))
+    return float(np.clip(trapezoid(pros, fprs) / fpr_limit, 0.0, 1.0))
 
 
 def pro_curve_exact(maps: Any, masks: Any, fpr_limit: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
@@ -229,10 +213,10 @@ def pro_curve_exact(maps: Any, masks: Any, fpr_limit: float = 0.3) -> tuple[np.n
     pros = np.r_[0.0, np.cumsum(weight[order])[ends] / n_regions]
     fprs = np.maximum.accumulate(np.clip(fprs, 0.0, 1.0))
     pros = np.maximum.accumulate(np.clip(pros, 0.0, 1.0))
-    return _limit_curve(fprs, pros, float(fpr_limit))
+    return limit_curve(fprs, pros, float(fpr_limit))
 
 
 def aupro_exact(maps: Any, masks: Any, fpr_limit: float = 0.3) -> float:
     """Area under :func:`pro_curve_exact` up to ``fpr_limit``, divided by ``fpr_limit``."""
     fprs, pros = pro_curve_exact(maps, masks, fpr_limit=fpr_limit)
-    return float(np.clip(_trapezoid(pros, fprs) / fpr_limit, 0.0, 1.0))
+    return float(np.clip(trapezoid(pros, fprs) / fpr_limit, 0.0, 1.0))

@@ -11,16 +11,15 @@ from typing import Any
 
 import numpy as np
 
+from anomap.metrics.curves import (
+    MAX_CURVE_POINTS,
+    area_rounding_bound,
+    check_pixel_inputs,
+    downsample_curve,
+    trapezoid,
+)
+
 __all__ = ["BinnedROC", "aupr", "auroc", "f1max", "pixel_auroc", "precision_recall_curve", "roc_curve"]
-
-_MAX_CURVE_POINTS = 500
-
-
-def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
-    """Trapezoid-rule area under ``y(x)`` (works on numpy 1.x and 2.x)."""
-    if x.size < 2:
-        return 0.0
-    return float(np.sum(np.diff(x) * (y[1:] + y[:-1])) / 2.0)
 
 
 def _as_labels(labels: Any) -> np.ndarray:
@@ -104,7 +103,7 @@ def auroc(scores: Any, labels: Any) -> float:
         ValueError: If only one class is present (AUROC is undefined) or the inputs are invalid.
     """
     fpr, tpr, _ = roc_curve(scores, labels)
-    return float(_trapezoid(tpr, fpr))
+    return float(trapezoid(tpr, fpr))
 
 
 def precision_recall_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -240,7 +239,8 @@ class BinnedROC:
 
     def max_error(self) -> float:
         """Bound on ``|self.auroc() - exact AUROC|``: half the share of positive/negative pairs that
-        share a bin (such a pair counts 1/2 here, and 0, 1/2 or 1 in the exact value).
+        share a bin (such a pair counts 1/2 here, and 0, 1/2 or 1 in the exact value), plus the
+        floating-point error of the area (:func:`anomap.metrics.curves.area_rounding_bound`).
 
         Raises:
             ValueError: If only one class has been seen so far.
@@ -249,7 +249,7 @@ class BinnedROC:
         if n_pos == 0 or n_neg == 0:
             raise ValueError(f"ROC needs both classes, got {n_pos} positive and {n_neg} negative samples.")
         ties = float(np.dot(self.pos.astype(np.float64), self.neg.astype(np.float64)))
-        return 0.5 * ties / (float(n_pos) * float(n_neg))
+        return 0.5 * ties / (float(n_pos) * float(n_neg)) + area_rounding_bound(self.bins + 1)
 
     def auroc(self) -> float:
         """Area under :meth:`curve` (trapezoid rule).
@@ -258,27 +258,7 @@ class BinnedROC:
             ValueError: If only one class has been seen so far.
         """
         fpr, tpr = self.curve()
-        return float(_trapezoid(tpr, fpr))
-
-
-def _downsample_curve(fpr: np.ndarray, tpr: np.ndarray, max_points: int) -> tuple[list, list]:
-    """Keeps at most about ``max_points`` points, evenly spaced along fpr + tpr, endpoints kept."""
-    if fpr.size <= max_points:
-        return fpr.tolist(), tpr.tolist()
-    pos = fpr + tpr  # non-decreasing from 0 to 2
-    targets = np.linspace(pos[0], pos[-1], max_points)
-    keep = np.unique(np.r_[0, np.searchsorted(pos, targets, side="left").clip(0, fpr.size - 1), fpr.size - 1])
-    return fpr[keep].tolist(), tpr[keep].tolist()
-
-
-def _check_pixel_inputs(maps: Any, masks: Any) -> tuple[np.ndarray, np.ndarray]:
-    maps_arr = maps if isinstance(maps, np.ndarray) else np.asarray(maps)
-    masks_arr = masks if isinstance(masks, np.ndarray) else np.asarray(masks)
-    if maps_arr.ndim != 3:
-        raise ValueError(f"maps must have shape (N, H, W), got {maps_arr.shape}.")
-    if maps_arr.shape != masks_arr.shape:
-        raise ValueError(f"maps {maps_arr.shape} and masks {masks_arr.shape} differ in shape.")
-    return maps_arr, masks_arr
+        return float(trapezoid(tpr, fpr))
 
 
 def pixel_auroc(
@@ -302,7 +282,7 @@ def pixel_auroc(
     Raises:
         ValueError: If shapes differ, maps contain non-finite values or only one class is present.
     """
-    maps_arr, masks_arr = _check_pixel_inputs(maps, masks)
+    maps_arr, masks_arr = check_pixel_inputs(maps, masks)
     n = maps_arr.shape[0]
     chunk = max(1, int(chunk))
     if maps_arr.size <= exact_limit:
@@ -310,7 +290,7 @@ def pixel_auroc(
         if not np.isfinite(scores).all():
             raise ValueError("anomaly maps contain NaN or infinite values.")
         fpr, tpr, _ = roc_curve(scores, masks_arr)
-        value = float(_trapezoid(tpr, fpr))
+        value = float(trapezoid(tpr, fpr))
     else:
         lo, hi = np.inf, -np.inf
         for start in range(0, n, chunk):
@@ -323,6 +303,6 @@ def pixel_auroc(
         for start in range(0, n, chunk):
             binned.update(maps_arr[start : start + chunk], masks_arr[start : start + chunk])
         fpr, tpr = binned.curve()
-        value = float(_trapezoid(tpr, fpr))
-    fpr_list, tpr_list = _downsample_curve(fpr, tpr, _MAX_CURVE_POINTS)
+        value = float(trapezoid(tpr, fpr))
+    fpr_list, tpr_list = downsample_curve(fpr, tpr, MAX_CURVE_POINTS)
     return value, {"fpr": fpr_list, "tpr": tpr_list}

@@ -1,27 +1,24 @@
-"""Loading a user's MAE (encoder + decoder) or ViT (encoder only) checkpoint into the isstad model.
+"""Reading a user's MAE (encoder + decoder) or ViT (encoder only) checkpoint for the isstad model.
 
 Nothing is downloaded: the file is a local ``.pth`` (read with ``torch.load(weights_only=True)``, never
 unpickling code) or ``.safetensors``. MAE key names are mapped onto ours (``decoder_blocks.N`` ->
 ``decoder1.blocks.N`` ...); checkpoint decoder blocks beyond ``dec_depth_stage1`` are dropped, as the
 published stage 1 does with the 8-block MAE decoder.
+
+This module knows the model only through its state_dict and config, so it does not import the model;
+:func:`anomap.methods.isstad.method.load_mae_checkpoint` copies the tensors in.
 """
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import torch
 from torch import Tensor
 
 from anomap.errors import CheckpointError
 from anomap.fileio import read_state_dict
-
-if TYPE_CHECKING:
-    from anomap.methods.isstad.method import Isstad
-
-log = logging.getLogger(__name__)
+from anomap.methods.isstad.config import IsstadConfig
 
 _DECODER_NAMES = {"decoder_embed.": "embed.", "decoder_pos_embed": "pos_embed", "decoder_blocks.": "blocks.",
                   "decoder_norm.": "norm.", "decoder_pred.": "pred.", "mask_token": "mask_token"}
@@ -48,19 +45,23 @@ def _map_key(key: str, depth1: int) -> str | None:
     return "encoder." + key
 
 
-def load_mae_checkpoint(model: Isstad, path: str | Path) -> None:
-    """Load a MAE (encoder + decoder) or ViT (encoder only) state_dict into the stage-1 model.
+def read_mae_checkpoint(path: str | Path, ours: Mapping[str, Tensor],
+                        config: IsstadConfig) -> dict[str, Tensor]:
+    """A MAE/ViT file's tensors under our names (``encoder.*``, ``decoder1.*``), checked against ``ours``.
 
-    Every encoder tensor must be in the file with our shape; when the file has decoder tensors, every
-    stage-1 decoder tensor must be too. Raises CheckpointError naming the offending keys and shapes.
+    Every encoder tensor of ``ours`` (the model's state_dict) must be in the file with our shape; when
+    the file has decoder tensors, every stage-1 decoder tensor must be too.
+
+    Raises:
+        CheckpointError: the file is unreadable, or tensors are missing, unexpected or of another
+            shape (named, with the model sizes of ``config``).
     """
     path = Path(path)
     state = _read_state_dict(path)
-    ours = model.state_dict()
     mapped: dict[str, Tensor] = {}
     unexpected = []
     for key, value in state.items():
-        new = _map_key(key, model.config.dec_depth_stage1)
+        new = _map_key(key, config.dec_depth_stage1)
         if new is None:
             continue
         if new in ours:
@@ -80,7 +81,7 @@ def load_mae_checkpoint(model: Isstad, path: str | Path) -> None:
     if unexpected:
         problems.append(f"unexpected {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
     if problems:
-        cfg = model.config
+        cfg = config
         raise CheckpointError(
             f"the MAE checkpoint does not fit isstad (image_size {cfg.image_size}, patch {cfg.patch_size}, "
             f"enc {cfg.enc_dim}/{cfg.enc_depth}/{cfg.enc_heads}, dec {cfg.dec_dim}/{cfg.dec_depth_stage1}): "
@@ -88,7 +89,4 @@ def load_mae_checkpoint(model: Isstad, path: str | Path) -> None:
             path=path,
             fix="use --set preset=paper for ViT-L/16 MAE weights, or match the model sizes to the file",
         )
-    with torch.no_grad():
-        for k, v in mapped.items():
-            ours[k].copy_(v.to(ours[k].dtype))
-    log.info("isstad: loaded %d tensors from %s", len(mapped), path)
+    return mapped

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from anomap.data.corruption import PRESETS, corrupt
 from anomap.methods.base import Method, Stage, cosine_factor, epochs_to_steps
-from anomap.methods.isstad.checkpoint import load_mae_checkpoint
+from anomap.methods.isstad.checkpoint import read_mae_checkpoint
 from anomap.methods.isstad.config import STAGE1, STAGE2, IsstadConfig
 from anomap.nn.filters import gaussian_blur, gaussian_kernel1d, reduce_map
 from anomap.nn.vit import MaeDecoder, ViTEncoder, patchify, unpatchify
@@ -92,6 +93,7 @@ class Isstad(Method):
     """Two-stage ViT: MAE adaptation, then corruption repair with per-pixel classification."""
 
     Config = IsstadConfig
+    config: IsstadConfig
 
     def __init__(self, config: IsstadConfig, channels: int):
         super().__init__(config, channels)
@@ -267,7 +269,8 @@ class Isstad(Method):
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """Image score mean(G(G(m) * G(r))) (or its max, ``image_score``) and the map chosen by ``pixel_map`` (§2.5)."""
+        """Image score mean(G(G(m) * G(r))) (or its max, ``image_score``) and the map chosen by
+        ``pixel_map`` (§2.5)."""
         cfg = self.config
         sigma = cfg.smoothing_sigma
         m, r = self.components(images)
@@ -284,3 +287,18 @@ class Isstad(Method):
         return score, amap
 
 
+def load_mae_checkpoint(model: Isstad, path: str | Path) -> None:
+    """Load a MAE (encoder + decoder) or ViT (encoder only) state_dict into the stage-1 model.
+
+    Every encoder tensor must be in the file with our shape; when the file has decoder tensors, every
+    stage-1 decoder tensor must be too (:func:`~anomap.methods.isstad.checkpoint.read_mae_checkpoint`).
+
+    Raises:
+        CheckpointError: naming the offending keys and shapes; the model is then unchanged.
+    """
+    ours = model.state_dict()
+    mapped = read_mae_checkpoint(path, ours, model.config)
+    with torch.no_grad():
+        for k, v in mapped.items():
+            ours[k].copy_(v.to(ours[k].dtype))
+    log.info("isstad: loaded %d tensors from %s", len(mapped), path)
