@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from anomap import __version__
+from anomap._version import __version__
 from anomap.compiled import CompiledPredict
 from anomap.config import build_config, config_to_dict
 from anomap.data.dataset import (

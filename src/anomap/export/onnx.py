@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from anomap.errors import AnomapError
+from anomap._version import __version__
+from anomap.errors import AnomapError, ExportError
 from anomap.export.backend import (
     ONNX_FORMAT,
     ONNX_FORMAT_KEY,
@@ -47,10 +48,6 @@ DEFAULT_OPSET = 17
 DEFAULT_TOL = 1e-3
 MAX_PARITY_IMAGES = 16
 INFO_KEYS = ("dataset", "n_fit", "n_heldout", "steps", "stopped_by", "fit_seconds", "device")
-
-
-class ExportError(AnomapError):
-    """An export could not be written, or its parity check failed."""
 
 
 class _Graph(nn.Module):
@@ -81,7 +78,6 @@ def _detector(detector_or_path: Any):
 
 def _metadata(det, parity: dict | None) -> dict[str, str]:
     """metadata_props: every value JSON text (numbers stay numbers, strings are quoted)."""
-    from anomap import __version__
     from anomap.config import config_to_dict
 
     cal = det.calibration.to_dict()
@@ -134,8 +130,6 @@ def _trace(det, path: Path, opset: int) -> None:
 
 def heldout_images(det) -> list[Path]:
     """The held-out normal images of the training data, when its folder still holds them (else [])."""
-    from anomap.errors import AnomapError
-
     dataset = det.info.get("dataset")
     if not dataset or not Path(dataset).is_dir():
         return []

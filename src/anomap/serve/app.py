@@ -38,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from anomap import __version__
+from anomap._version import __version__
 from anomap.export.backend import Backend, load_backend
 from anomap.report.overlay import downscale, heatmap_overlay, png_data_uri
 from anomap.serve.decode import ACCEPTED_TEXT, UploadError, clean_label, decode_upload
