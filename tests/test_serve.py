@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 import anomap
 from anomap.cli import build_parser, main
 from anomap.errors import ConfigError
-from anomap.export.backend import Backend, load_backend
+from anomap.runtime.backend import Backend, load_backend
 from anomap.serve.app import create_app
 from anomap.serve.limits import Limits
 from anomap.types import Calibration

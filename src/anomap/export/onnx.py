@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from anomap._version import __version__
 from anomap.errors import AnomapError, ExportError
-from anomap.export.backend import (
+from anomap.runtime.backend import (
     ONNX_FORMAT,
     ONNX_FORMAT_KEY,
     ONNX_INPUT,

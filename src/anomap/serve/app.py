@@ -39,8 +39,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from anomap._version import __version__
-from anomap.export.backend import Backend, load_backend
 from anomap.report.overlay import downscale, heatmap_overlay, png_data_uri
+from anomap.runtime.backend import Backend, load_backend
 from anomap.serve.decode import ACCEPTED_TEXT, UploadError, clean_label, decode_upload
 from anomap.serve.limits import Gate, Limits, Overloaded, TimedOut
 from anomap.serve.security import SecurityHeaders, docs_routes

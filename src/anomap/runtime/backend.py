@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from anomap._version import __version__
 from anomap.data.images import load_image
 from anomap.data.transforms import resize_maps, resize_u8, to_channels
 from anomap.errors import CheckpointError, ConfigError, ImageError
@@ -132,7 +133,6 @@ class TorchBackend(Backend):
 
     def __init__(self, path_or_detector: Any, device: str | None = None, batch_size: int = DEFAULT_BATCH,
                  compile: bool = False):
-        from anomap import __version__
         from anomap.detector import Detector
         from anomap.train.checkpoint import read_metadata
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from anomap.data.images import is_image_file, load_image, save_png_atomic
 from anomap.errors import AnomapError, DataError
-from anomap.export.backend import Backend
+from anomap.runtime.backend import Backend
 
 COLUMNS = ("path", "score", "is_anomalous", "threshold", "status", "error")
 GLOB_CHARS = frozenset("*?[")
@@ -142,7 +142,7 @@ def predict_stream(backend: Backend, paths: Sequence[Path], *, batch_size: int =
     threshold or score), threshold, status ("ok" or "error"), error (the reason, "" when ok).
 
     Args:
-        backend: a loaded :class:`~anomap.export.backend.Backend`.
+        backend: a loaded :class:`~anomap.runtime.backend.Backend`.
         paths: image files.
         batch_size: images per model call (and per decode step).
         threshold: overrides the calibrated threshold.
