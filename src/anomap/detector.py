@@ -7,7 +7,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +26,11 @@ from anomap.data.dataset import (
     split_train,
     train_images,
 )
-from anomap.data.images import load_image
 from anomap.data.store import ImageStore
-from anomap.data.transforms import load_stack, resize_maps, resize_u8, to_channels
-from anomap.errors import CheckpointError, ConfigError, ImageError, NotFittedError
+from anomap.data.transforms import load_stack
+from anomap.errors import CheckpointError, ConfigError, NotFittedError
 from anomap.fit_images import TensorBatches, load_fit_images
+from anomap.inference import ImageInput, Scored, prepare_image, score_images, u8_batch
 from anomap.methods.base import Method
 from anomap.metrics.threshold import threshold_at_fpr
 from anomap.registry import get_method_class, saved_config
@@ -111,7 +111,8 @@ class Detector:
             self._compiled = None
             self.model.prepare_fit(fit_imgs)
 
-            eval_fn = self._val_loss_fn(np.asarray(held_imgs), fit_imgs) if cfg.select_on == "val_loss" else None
+            val_loss = cfg.select_on == "val_loss"
+            eval_fn = self._val_loss_fn(np.asarray(held_imgs), fit_imgs) if val_loss else None
             ckpt = None if out is None else Path(str(out) + ".partial")
             result: TrainResult = train(
                 self.model, fit_imgs, seed=cfg.seed, device=self.device, ckpt_path=ckpt, resume=resume,
@@ -177,7 +178,7 @@ class Detector:
         give float tensors). The map quantiles use every pixel while N x S x S <= ``MAP_SAMPLE_CAP``,
         else every k-th row and column of each map (a regular grid of about that many values).
         """
-        model = self._require_model()
+        model = self.require_model()
         model.eval()
         model.calibrate(TensorBatches(heldout, self.device))
         s = self.config.image_size
@@ -208,14 +209,14 @@ class Detector:
             data: the folder the detector was trained on; its held-out normal images (the file names
                 stored in ``info["heldout_files"]``) give the new threshold and map statistics.
         """
-        model = self._require_model()
+        model = self.require_model()
         if not overrides:
             return self
         allowed = type(self.config).SCORING_KEYS
         bad = sorted(set(overrides) - set(allowed))
         if bad:
-            raise ConfigError(f"{', '.join(bad)} change(s) training, not scoring; a saved model cannot take them.",
-                              fix=f"retrain with --set, or change only: {', '.join(allowed)}")
+            raise ConfigError(f"{', '.join(bad)} change(s) training, not scoring; a saved model cannot "
+                              "take them.", fix=f"retrain with --set, or change only: {', '.join(allowed)}")
         new_config = build_config(type(self.config), {**config_to_dict(self.config), **overrides})
         held = self.heldout_paths(data)
         self.config = model.config = new_config  # nothing changes before the inputs are known to be good
@@ -250,7 +251,7 @@ class Detector:
         the compile cost (tens of seconds on 2 cores) is paid now instead of at the first prediction.
         Falls back to eager PyTorch with a warning when compiling fails. Returns ``self``.
         """
-        model = self._require_model()
+        model = self.require_model()
         model.eval()
         self._compiled = CompiledPredict(model, batch_size)
         if warmup:
@@ -259,85 +260,75 @@ class Detector:
         return self
 
     # ---------------------------------------------------------------------------------- prediction
-    def _require_model(self) -> Method:
+    def require_model(self) -> Method:
+        """The trained method; NotFittedError (naming the fix) before ``fit`` or ``load``."""
         if self.model is None:
-            raise NotFittedError("this detector has not been trained.", fix="call fit(path) or anomap.load(file)")
+            raise NotFittedError("this detector has not been trained.",
+                                 fix="call fit(path) or anomap.load(file)")
         return self.model
 
     @torch.no_grad()
-    def predict_raw(self, images: np.ndarray, batch_size: int = PREDICT_BATCH) -> tuple[np.ndarray, np.ndarray]:
-        """Raw scores (N,) and maps (N, S, S) for uint8 images (N, S, S, C) already at the working size."""
+    def predict_raw(self, images: np.ndarray | ImageStore,
+                    batch_size: int = PREDICT_BATCH) -> tuple[np.ndarray, np.ndarray]:
+        """Raw scores (N,) and maps (N, S, S), float32, for uint8 images (N, S, S, C) at the working size.
+
+        This is the PyTorch :data:`~anomap.inference.Scorer` of :func:`~anomap.inference.score_images`.
+        """
         scores, maps = [], []
         for s, m in self._predict_batches(images, batch_size):
             scores.append(s)
             maps.append(m)
         if not scores:
-            return np.zeros(0, np.float32), np.zeros((0, self.config.image_size, self.config.image_size), np.float32)
+            size = self.config.image_size
+            return np.zeros(0, np.float32), np.zeros((0, size, size), np.float32)
         return np.concatenate(scores), np.concatenate(maps)
 
     @torch.no_grad()
     def _predict_batches(self, images: np.ndarray | ImageStore,
                          batch_size: int = PREDICT_BATCH) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Raw scores (b,) and maps (b, S, S) batch by batch, so that a caller can keep what it needs."""
-        model = self._require_model()
+        model = self.require_model()
         model.eval()
         for i in range(0, len(images), batch_size):
             x = Method.to_tensor(images[i:i + batch_size], self.device)
             s, m = (self._compiled or model.predict)(x)
             yield s.float().cpu().numpy(), m.float().cpu().numpy()
 
-    def prepare(self, image: Any) -> tuple[np.ndarray, tuple[int, int]]:
+    def prepare(self, image: ImageInput) -> tuple[np.ndarray, tuple[int, int]]:
         """One image (path, PIL image or array) -> uint8 (S, S, C) at the working size, original (H, W)."""
-        if self.channels is None:
-            self._require_model()
-        img = load_image(image, channels=self.channels)
-        return resize_u8(to_channels(img, self.channels), self.config.image_size), img.shape[:2]
+        self.require_model()
+        return prepare_image(image, int(self.channels or 3), self.config.image_size)
 
-    def predict(self, images: Any) -> AnomalyResult | list[AnomalyResult]:
-        """Score images; maps come back at each input's own resolution.
+    def predict(self, images: ImageInput | Sequence[ImageInput] | Tensor,
+                ) -> AnomalyResult | list[AnomalyResult]:
+        """Score images through :func:`anomap.inference.score_images`; maps come back at each input's size.
 
         Args:
             images: a path, a PIL image or a (H, W[, C]) array -> one AnomalyResult; a list of those ->
                 a list of AnomalyResult; a uint8 array (B, H, W, C) or a float tensor (B, C, H, W) in
                 [0, 1] -> one batched AnomalyResult with arrays (B,), (B, H, W), (B,).
         """
-        self._require_model()
-        thr = self.calibration.threshold
+        self.require_model()
         if isinstance(images, Tensor) or (isinstance(images, np.ndarray) and images.ndim == 4):
-            batch, hw = self._batch_to_u8(images)
-            scores, maps = self.predict_raw(batch)
-            maps = resize_maps(maps, hw)
-            flags = scores > thr if thr is not None else np.zeros(len(scores), bool)
-            return AnomalyResult(scores, maps, flags, thr)
-        if isinstance(images, (list, tuple)):
-            return [self._predict_one(im) for im in images]
-        return self._predict_one(images)
+            batch = u8_batch(images)
+            res = self._score(list(batch))
+            maps = np.stack(res.maps) if res.maps else np.zeros((0, *batch.shape[1:3]), np.float32)
+            return AnomalyResult(res.scores, maps, np.array(_flags(res), dtype=bool), res.threshold)
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        res = self._score(items)
+        out = [AnomalyResult(float(s), m, f, res.threshold)
+               for s, m, f in zip(res.scores, res.maps, _flags(res), strict=True)]
+        return out if isinstance(images, (list, tuple)) else out[0]
 
-    def _predict_one(self, image: Any) -> AnomalyResult:
-        img, hw = self.prepare(image)
-        scores, maps = self.predict_raw(img[None])
-        thr = self.calibration.threshold
-        score = float(scores[0])
-        return AnomalyResult(score, resize_maps(maps[0], hw), bool(thr is not None and score > thr), thr)
-
-    def _batch_to_u8(self, images: np.ndarray | Tensor) -> tuple[np.ndarray, tuple[int, int]]:
-        if isinstance(images, Tensor):
-            if images.ndim != 4:
-                raise ImageError(f"a tensor batch must be (B, C, H, W); got shape {tuple(images.shape)}.")
-            arr = (images.detach().float().clamp(0, 1) * 255 + 0.5).byte().permute(0, 2, 3, 1).cpu().numpy()
-        else:
-            arr = images
-            if arr.dtype != np.uint8:
-                raise ImageError(f"an array batch must be uint8 (B, H, W, C); got {arr.dtype}.",
-                                 fix="convert with (x * 255).astype(np.uint8) or pass a float tensor")
-        hw = (arr.shape[1], arr.shape[2])
-        out = np.stack([resize_u8(to_channels(a, self.channels), self.config.image_size) for a in arr])
-        return out, hw
+    def _score(self, images: Sequence[ImageInput]) -> Scored:
+        return score_images(images, self.predict_raw, channels=int(self.channels or 3),
+                            size=self.config.image_size, threshold=self.calibration.threshold,
+                            batch_size=PREDICT_BATCH)
 
     # --------------------------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
         """Write one safetensors file: weights + JSON metadata (method, config, calibration, versions)."""
-        model = self._require_model()
+        model = self.require_model()
         meta = {
             "kind": "model",
             "anomap_version": __version__,
@@ -386,6 +377,11 @@ class Detector:
     def describe(self) -> str:
         return json.dumps({"method": self.method_name, "config": config_to_dict(self.config),
                            "calibration": self.calibration.to_dict(), "info": self.info}, indent=2)
+
+
+def _flags(res: Scored) -> list[bool]:
+    """Verdicts as bools: an uncalibrated detector (no threshold) flags nothing."""
+    return [bool(f) for f in res.is_anomalous]
 
 
 def create(method: str, **config: Any) -> Detector:
