@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import shutil
 import time
@@ -17,7 +16,7 @@ from torch import Tensor
 
 from anomap._version import __version__
 from anomap.compiled import CompiledPredict
-from anomap.config import build_config, config_to_dict
+from anomap.config import build_config, config_to_dict, fields_of
 from anomap.data.dataset import (
     check_min_size,
     detect_channels,
@@ -33,14 +32,12 @@ from anomap.fit_images import TensorBatches, load_fit_images
 from anomap.inference import ImageInput, Scored, prepare_image, score_images, u8_batch
 from anomap.methods.base import Method
 from anomap.metrics.threshold import threshold_at_fpr
-from anomap.registry import get_method_class, saved_config
+from anomap.registry import get_method_class
 from anomap.train.checkpoint import load_checkpoint, save_checkpoint
 from anomap.train.distributed import DistContext, session, threads_per_process
 from anomap.train.loop import TrainResult, train
 from anomap.train.runtime import resolve_device, set_threads
 from anomap.types import AnomalyResult, Calibration
-
-log = logging.getLogger(__name__)
 
 PREDICT_BATCH = 16
 # Calibration keeps at most this many map values for its quantiles (a regular pixel grid beyond it).
@@ -65,7 +62,6 @@ class Detector:
         self.info: dict[str, Any] = {}
         self.device = torch.device("cpu")
         self._compiled: CompiledPredict | None = None  # set by compile(); dropped whenever the model changes
-        self._warned_names_only = False  # heldout_paths warns once about a model without fingerprints
 
     # ------------------------------------------------------------------------------------ training
     def fit(self, path: str | Path, *, out: str | Path | None = None, resume: bool = False,
@@ -231,18 +227,17 @@ class Detector:
 
     def heldout_paths(self, data: str | Path) -> list[Path]:
         """This detector's held-out normal images (``info["heldout_files"]``) in ``data``, sorted; checked by
-        content (:func:`anomap.data.dataset.find_heldout`). Models saved before the fingerprints were stored
-        are matched by name alone, with a warning.
+        content against ``info["heldout_sha256"]`` (:func:`anomap.data.dataset.find_heldout`).
 
         Raises:
-            ConfigError: ``data`` is not the folder the detector was trained on.
+            ConfigError: ``data`` is not the folder the detector was trained on, or the detector does not
+                know its held-out images (not trained by ``fit``).
         """
-        digests = self.info.get("heldout_sha256")
-        if digests is None and not self._warned_names_only:
-            log.warning("%s: this model was saved without fingerprints of its held-out images; they were "
-                        "matched by file name only (re-train to store them)", data)
-            self._warned_names_only = True
-        return find_heldout(data, list(self.info.get("heldout_files") or []), digests)
+        names, digests = self.info.get("heldout_files"), self.info.get("heldout_sha256")
+        if not names or digests is None:
+            raise ConfigError("this model does not record its held-out images (file names and fingerprints).",
+                              fix="retrain it with `anomap fit` (this anomap version stores them)")
+        return find_heldout(data, list(names), list(digests))
 
     def compile(self, batch_size: int = PREDICT_BATCH, warmup: bool = True) -> Detector:
         """Score with the method's ``predict`` compiled by ``torch.compile`` (see :mod:`anomap.compiled`).
@@ -314,8 +309,7 @@ class Detector:
             res = self._score(list(batch))
             maps = np.stack(res.maps) if res.maps else np.zeros((0, *batch.shape[1:3]), np.float32)
             return AnomalyResult(res.scores, maps, np.array(_flags(res), dtype=bool), res.threshold)
-        items = list(images) if isinstance(images, (list, tuple)) else [images]
-        res = self._score(items)
+        res = self._score(list(images) if isinstance(images, (list, tuple)) else [images])
         out = [AnomalyResult(float(s), m, f, res.threshold)
                for s, m, f in zip(res.scores, res.maps, _flags(res), strict=True)]
         return out if isinstance(images, (list, tuple)) else out[0]
@@ -352,12 +346,15 @@ class Detector:
                 "this is a training checkpoint (.partial), not a finished model.", path=path,
                 fix="resume training with `anomap fit ... --resume` or load the final file",
             )
-        config = saved_config(meta)  # keys added since the file was written: the values it was made with
-        if device is not None:
-            config["device"] = device
         try:
-            det = cls(meta["method"], config)
-        except (KeyError, ConfigError) as e:
+            config = dict(meta["config"])
+            missing = sorted(set(fields_of(get_method_class(meta["method"]).Config)) - set(config))
+            if missing:  # written by a development version, before these keys existed: today's defaults
+                raise CheckpointError(  # would change what the model does, so the file is not read
+                    f"written by a development version of anomap 0.1.0 (config lacks {', '.join(missing)}).",
+                    path=path, fix="retrain the model with this anomap version (anomap fit)")
+            det = cls(meta["method"], {**config, **({} if device is None else {"device": device})})
+        except (KeyError, TypeError, ConfigError) as e:
             raise CheckpointError(f"metadata does not describe a usable model ({e}).", path=path) from None
         det.channels = int(meta["channels"])
         det.calibration = Calibration.from_dict(meta.get("calibration", {}))
@@ -381,7 +378,7 @@ class Detector:
 
 def _flags(res: Scored) -> list[bool]:
     """Verdicts as bools: an uncalibrated detector (no threshold) flags nothing."""
-    return [bool(f) for f in res.is_anomalous]
+    return [f is True for f in res.is_anomalous]
 
 
 def create(method: str, **config: Any) -> Detector:

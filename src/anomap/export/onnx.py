@@ -134,7 +134,7 @@ def heldout_images(det: Detector) -> list[Path]:
     if not dataset or not Path(dataset).is_dir():
         return []
     try:
-        return det.heldout_paths(dataset)  # found by name, checked by content
+        return det.heldout_paths(dataset)  # found by name, checked by content (fingerprints)
     except AnomapError:
         return []
 
