@@ -6,7 +6,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,7 @@ class Detector:
                 ckpt.unlink()
         return self
 
-    def _val_loss_fn(self, held: np.ndarray, pool: np.ndarray):
+    def _val_loss_fn(self, held: np.ndarray, pool: np.ndarray) -> Callable[[], float]:
         """Validation loss on held-out normals with fixed synthetic corruption (never test data)."""
         assert self.model is not None
         batch = self.model.make_batch(held, np.random.default_rng(self.config.seed + 1), pool)
@@ -217,7 +217,7 @@ class Detector:
         held = self.heldout_paths(data)
         self.config = model.config = new_config  # nothing changes before the inputs are known to be good
         compiled, self._compiled = self._compiled, None  # the compiled graph holds the old scoring settings
-        held_imgs = load_stack(held, self.config.image_size, self.channels, progress=progress,
+        held_imgs = load_stack(held, self.config.image_size, int(self.channels or 3), progress=progress,
                                desc="recalibrating")
         self.calibrate(held_imgs)
         self.info = {**self.info, "rescored": dict(overrides)}
@@ -294,7 +294,7 @@ class Detector:
         self.require_model()
         return prepare_image(image, int(self.channels or 3), self.config.image_size)
 
-    def predict(self, images: ImageInput | Sequence[ImageInput] | Tensor,
+    def predict(self, images: ImageInput | list[ImageInput] | tuple[ImageInput, ...] | Tensor,
                 ) -> AnomalyResult | list[AnomalyResult]:
         """Score images through :func:`anomap.inference.score_images`; maps come back at each input's size.
 
@@ -314,7 +314,7 @@ class Detector:
                for s, m, f in zip(res.scores, res.maps, _flags(res), strict=True)]
         return out if isinstance(images, (list, tuple)) else out[0]
 
-    def _score(self, images: Sequence[ImageInput]) -> Scored:
+    def _score(self, images: list[ImageInput]) -> Scored:
         return score_images(images, self.predict_raw, channels=int(self.channels or 3),
                             size=self.config.image_size, threshold=self.calibration.threshold,
                             batch_size=PREDICT_BATCH)

@@ -7,8 +7,8 @@ from typing import Any, TypeVar
 
 from anomap.errors import ConfigError
 
-_REGISTRY: dict[str, type] = {}
-T = TypeVar("T", bound=type)
+_REGISTRY: dict[str, type[Any]] = {}
+T = TypeVar("T", bound=type[Any])
 
 
 def register(name: str) -> Callable[[T], T]:
@@ -24,7 +24,7 @@ def register(name: str) -> Callable[[T], T]:
     return deco
 
 
-def get_method_class(name: str) -> type:
+def get_method_class(name: str) -> type[Any]:
     """The Method class registered as ``name``; a ConfigError naming the choices otherwise."""
     if name not in _REGISTRY:
         raise ConfigError(

@@ -118,7 +118,7 @@ def _write_metadata(path: Path, props: dict[str, str]) -> None:
 
 def _trace(det: Detector, path: Path, opset: int) -> None:
     """Write the bare graph (no metadata) with the TorchScript-based exporter."""
-    s, c = det.config.image_size, det.channels
+    s, c = det.config.image_size, int(det.channels or 3)
     graph = _Graph(det.require_model()).eval()
     example = torch.zeros(2, s, s, c, dtype=torch.uint8)  # batch 2: the batch axis is traced as symbolic
     axes = {ONNX_INPUT: {0: "batch"}, **{name: {0: "batch"} for name in ONNX_OUTPUTS}}

@@ -163,8 +163,8 @@ def predict_stream(backend: Backend, paths: Sequence[Path], *, batch_size: int =
             decoded = pending.result() if pending is not None else []
             pending = pool.submit(_decode, backend, chunks[k + 1]) if k + 1 < len(chunks) else None
             good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-            res = backend.score([decoded[i] for i in good], threshold=thr, maps=overlays is not None,
-                                batch_size=bs)
+            images = [d for d in decoded if isinstance(d, np.ndarray)]
+            res = backend.score(images, threshold=thr, maps=overlays is not None, batch_size=bs)
             at = {i: j for j, i in enumerate(good)}  # position in the chunk -> position in res
             for i, p in enumerate(chunk):
                 d = decoded[i]

@@ -279,7 +279,7 @@ def create_app(model: str | Path | Backend, backend: str | None = None, *, devic
         threshold: float | None = Query(None, description="decide with this threshold instead of the "
                                                           "calibrated one"),
         heatmap: bool = Query(False, description="also return the heat-map overlay as a PNG data URI"),
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | JSONResponse:
         t0 = time.perf_counter()
         if threshold is not None and not math.isfinite(threshold):
             raise HTTPException(400, "threshold must be a finite number.")
