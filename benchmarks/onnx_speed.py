@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 import anomap
-from anomap.export.backend import OnnxBackend, normalise_map
 from anomap.export.onnx import collect_parity_images, export_onnx
+from anomap.runtime.backend import OnnxBackend, normalise_map
 
 
 def cpu_name() -> str:

@@ -27,7 +27,7 @@ expect = sync_api.expect
 expect.set_options(timeout=20_000)
 
 import anomap
-from anomap.export.backend import load_backend
+from anomap.runtime.backend import load_backend
 from anomap.serve.app import create_app
 from conftest import TINY, make_category
 

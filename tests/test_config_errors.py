@@ -85,7 +85,7 @@ def no_work(monkeypatch):
     monkeypatch.setattr(anomap, "create", boom)
     monkeypatch.setattr(anomap, "load", boom)
     monkeypatch.setattr(anomap.Detector, "fit", boom)
-    from anomap.export import backend
+    from anomap.runtime import backend
 
     monkeypatch.setattr(backend, "load_backend", boom)
 

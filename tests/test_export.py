@@ -13,9 +13,9 @@ import torch
 
 import anomap
 from anomap.cli import main
-from anomap.errors import CheckpointError
-from anomap.export.backend import OnnxBackend, TorchBackend, load_backend, normalise_map
-from anomap.export.onnx import ExportError, export_onnx, parity_check
+from anomap.errors import CheckpointError, ExportError
+from anomap.export.onnx import export_onnx, parity_check
+from anomap.runtime.backend import OnnxBackend, TorchBackend, load_backend, normalise_map
 from conftest import TINY, make_category
 
 pytestmark = pytest.mark.usefixtures("one_thread")

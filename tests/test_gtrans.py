@@ -7,6 +7,7 @@ from skimage import data
 from skimage.transform import resize
 
 import anomap
+from anomap.cli import main as cli_main
 from anomap.config import build_config, config_to_dict
 from anomap.errors import CheckpointError, ConfigError
 from anomap.methods.gtrans import GTrans, GTransConfig
@@ -288,27 +289,27 @@ def test_fine_feature_takes_the_finest_scale_from_the_feature_head():
     assert not torch.allclose(mixed, map_of("token", []))
 
 
-def test_files_without_later_keys_keep_what_they_were_made_with(tiny_category, tmp_path):
-    """A model file or training checkpoint written before map_heads / hard_fraction existed reads them as
-    token / 0 (what it did then), not as today's defaults."""
+def test_files_without_later_keys_are_refused_with_the_fix(tiny_category, tmp_path, capsys):
+    """A model file or training checkpoint written by a development version of 0.1.0, before map_heads /
+    hard_fraction existed, is refused: today's defaults would change what it does."""
     det = anomap.create("gtrans", **TINY, max_steps=2, min_heldout=3, checkpoint_every=0)
     det.fit(tiny_category, progress=False)
     tensors, meta = load_checkpoint(det.save(tmp_path / "new.safetensors"))
-    assert meta["config"]["map_heads"] == "fine_feature"
+    assert anomap.load(tmp_path / "new.safetensors").config == det.config
     for key in ("map_heads", "hard_fraction"):
         del meta["config"][key]
     save_checkpoint(tmp_path / "old.safetensors", tensors, meta)
-    old = anomap.load(tmp_path / "old.safetensors")
-    assert (old.config.map_heads, old.config.hard_fraction) == ("token", 0.0)
+    with pytest.raises(CheckpointError, match=r"development version .*hard_fraction, map_heads.*Fix: retr"):
+        anomap.load(tmp_path / "old.safetensors")
+    code = cli_main(["predict", str(tmp_path / "old.safetensors"), str(tiny_category / "test" / "good")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "development version" in err[0] and "Fix: retrain" in err[0]
 
     state = {"kind": "train_state", "method": "gtrans", "config": meta["config"], "planned": {"gtrans": 2},
              "n_images": 5}
-    now = config_to_dict(det.config)
-    with pytest.raises(CheckpointError, match=r"different config \(hard_fraction, map_heads\).*"
-                                              r"--set hard_fraction=0.0 map_heads=token"):
-        check_compatible(state, {"config": now}, {"gtrans": 2}, 5, tmp_path / "old.partial")
-    check_compatible(state, {"config": {**now, "map_heads": "token", "hard_fraction": 0.0}}, {"gtrans": 2}, 5,
-                     tmp_path / "old.partial")
+    with pytest.raises(CheckpointError, match=r"different config \(hard_fraction, map_heads\)"):
+        check_compatible(state, {"config": config_to_dict(det.config)}, {"gtrans": 2}, 5,
+                         tmp_path / "old.partial")
 
 
 def test_map_scales_picks_the_scales_that_make_the_map():

@@ -2,7 +2,6 @@
 categories all name their images 000.png, 001.png, ..., so a name alone does not say it is the same image."""
 
 import hashlib
-import logging
 import shutil
 
 import numpy as np
@@ -55,14 +54,14 @@ def test_same_names_with_other_content_are_refused(saved, tiny_category, tmp_pat
     assert str(other) in err[0] and "other content" in err[0] and "trained on" in err[0]
 
 
-def test_a_model_saved_before_fingerprints_is_matched_by_name_with_a_warning(saved, tiny_category, caplog):
+def test_a_model_without_fingerprints_is_refused_with_the_fix(saved, tiny_category, capsys):
     det = anomap.load(saved)
-    del det.info["heldout_sha256"]  # as in files written before the fingerprints were stored
-    with caplog.at_level(logging.WARNING, logger="anomap.detector"):
-        held = det.heldout_paths(tiny_category)
-        det.heldout_paths(tiny_category)  # rescoring looks them up twice: one warning is enough
-    assert [p.name for p in held] == sorted(det.info["heldout_files"])
-    assert caplog.text.count("file name only") == 1
+    del det.info["heldout_sha256"]  # as in files of development versions of 0.1.0: no longer matched by name
+    with pytest.raises(ConfigError, match="does not record its held-out images.*Fix: retrain"):
+        det.heldout_paths(tiny_category)
+    from anomap.export.onnx import heldout_images
+
+    assert heldout_images(det) == []  # the export then asks for --images instead
 
 
 def test_onnx_parity_images_are_the_heldout_images_only_while_unchanged(tiny_category, tmp_path):

@@ -14,9 +14,9 @@ from PIL import Image
 
 import anomap
 from anomap.cli import main
-from anomap.export.backend import load_backend
-from anomap.export.batch import COLUMNS, collect_inputs, predict_stream
 from anomap.export.onnx import export_onnx
+from anomap.runtime.backend import load_backend
+from anomap.runtime.batch import COLUMNS, collect_inputs, predict_stream
 from conftest import TINY, make_category
 
 pytestmark = pytest.mark.usefixtures("one_thread")

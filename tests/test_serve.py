@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 import anomap
 from anomap.cli import build_parser, main
 from anomap.errors import ConfigError
-from anomap.export.backend import Backend, load_backend
+from anomap.runtime.backend import Backend, load_backend
 from anomap.serve.app import create_app
 from anomap.serve.limits import Limits
 from anomap.types import Calibration
@@ -234,7 +234,7 @@ def test_upload_name_never_touches_filesystem(backend, tmp_path):
 
 
 class BlockingBackend(Backend):
-    """Stands in for a slow model: predict_images waits until the test releases it."""
+    """Stands in for a slow model: each model call waits until the test releases it."""
 
     name, method, channels, image_size = "stub", "stub", 3, 8
 
@@ -246,11 +246,11 @@ class BlockingBackend(Backend):
         self.release = threading.Event()
         self.calls = 0
 
-    def predict_images(self, images):
+    def predict_prepared(self, batch_u8):
         self.calls += 1
         self.started.set()
         assert self.release.wait(30), "test never released the stub"
-        return [(0.7, np.zeros(im.shape[:2], np.float32)) for im in images]
+        return np.full(len(batch_u8), 0.7, np.float32), np.zeros(batch_u8.shape[:3], np.float32)
 
 
 def test_overload_gives_503_fast(backend):

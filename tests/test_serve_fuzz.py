@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from anomap.export.backend import Backend
+from anomap.runtime.backend import Backend
 from anomap.serve.app import create_app
 from anomap.serve.limits import Limits
 from anomap.types import Calibration

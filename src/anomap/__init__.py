@@ -6,9 +6,8 @@
 >>> res = det.predict("photo.png")
 """
 
-__version__ = "0.1.0"
-
 from anomap import methods as _methods  # noqa: F401  (methods register themselves)
+from anomap._version import __version__
 from anomap.detector import Detector, create, load
 from anomap.metrics.evaluate import evaluate
 from anomap.registry import list_methods

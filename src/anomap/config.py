@@ -88,9 +88,6 @@ class MethodConfig:
     # Keys that change only how a trained model scores (not its weights): `anomap evaluate --set` may
     # change them on a saved model, which is then recalibrated on its held-out normal images.
     SCORING_KEYS: ClassVar[tuple[str, ...]] = ("target_fpr", "eval_size", "device", "num_threads")
-    # Keys added after model files were first written, each with the value that reproduces what a file
-    # written before it did (today's default may differ): see registry.saved_config.
-    ADDED_LATER: ClassVar[dict[str, Any]] = {}
 
     def validate(self) -> None:
         """Raise ConfigError for values that cannot work, naming the valid choices or range."""

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from anomap import __version__
+from anomap._version import __version__
 from anomap.compiled import CompiledPredict
-from anomap.config import build_config, config_to_dict
+from anomap.config import build_config, config_to_dict, fields_of
 from anomap.data.dataset import (
     check_min_size,
     detect_channels,
@@ -26,21 +25,19 @@ from anomap.data.dataset import (
     split_train,
     train_images,
 )
-from anomap.data.images import load_image
 from anomap.data.store import ImageStore
-from anomap.data.transforms import load_stack, resize_maps, resize_u8, to_channels
-from anomap.errors import CheckpointError, ConfigError, ImageError, NotFittedError
+from anomap.data.transforms import load_stack
+from anomap.errors import CheckpointError, ConfigError, NotFittedError
 from anomap.fit_images import TensorBatches, load_fit_images
+from anomap.inference import ImageInput, Scored, prepare_image, score_images, u8_batch
 from anomap.methods.base import Method
 from anomap.metrics.threshold import threshold_at_fpr
-from anomap.registry import get_method_class, saved_config
+from anomap.registry import get_method_class
 from anomap.train.checkpoint import load_checkpoint, save_checkpoint
 from anomap.train.distributed import DistContext, session, threads_per_process
 from anomap.train.loop import TrainResult, train
 from anomap.train.runtime import resolve_device, set_threads
 from anomap.types import AnomalyResult, Calibration
-
-log = logging.getLogger(__name__)
 
 PREDICT_BATCH = 16
 # Calibration keeps at most this many map values for its quantiles (a regular pixel grid beyond it).
@@ -65,7 +62,6 @@ class Detector:
         self.info: dict[str, Any] = {}
         self.device = torch.device("cpu")
         self._compiled: CompiledPredict | None = None  # set by compile(); dropped whenever the model changes
-        self._warned_names_only = False  # heldout_paths warns once about a model without fingerprints
 
     # ------------------------------------------------------------------------------------ training
     def fit(self, path: str | Path, *, out: str | Path | None = None, resume: bool = False,
@@ -111,7 +107,8 @@ class Detector:
             self._compiled = None
             self.model.prepare_fit(fit_imgs)
 
-            eval_fn = self._val_loss_fn(np.asarray(held_imgs), fit_imgs) if cfg.select_on == "val_loss" else None
+            val_loss = cfg.select_on == "val_loss"
+            eval_fn = self._val_loss_fn(np.asarray(held_imgs), fit_imgs) if val_loss else None
             ckpt = None if out is None else Path(str(out) + ".partial")
             result: TrainResult = train(
                 self.model, fit_imgs, seed=cfg.seed, device=self.device, ckpt_path=ckpt, resume=resume,
@@ -153,7 +150,7 @@ class Detector:
                 ckpt.unlink()
         return self
 
-    def _val_loss_fn(self, held: np.ndarray, pool: np.ndarray):
+    def _val_loss_fn(self, held: np.ndarray, pool: np.ndarray) -> Callable[[], float]:
         """Validation loss on held-out normals with fixed synthetic corruption (never test data)."""
         assert self.model is not None
         batch = self.model.make_batch(held, np.random.default_rng(self.config.seed + 1), pool)
@@ -177,7 +174,7 @@ class Detector:
         give float tensors). The map quantiles use every pixel while N x S x S <= ``MAP_SAMPLE_CAP``,
         else every k-th row and column of each map (a regular grid of about that many values).
         """
-        model = self._require_model()
+        model = self.require_model()
         model.eval()
         model.calibrate(TensorBatches(heldout, self.device))
         s = self.config.image_size
@@ -208,19 +205,19 @@ class Detector:
             data: the folder the detector was trained on; its held-out normal images (the file names
                 stored in ``info["heldout_files"]``) give the new threshold and map statistics.
         """
-        model = self._require_model()
+        model = self.require_model()
         if not overrides:
             return self
         allowed = type(self.config).SCORING_KEYS
         bad = sorted(set(overrides) - set(allowed))
         if bad:
-            raise ConfigError(f"{', '.join(bad)} change(s) training, not scoring; a saved model cannot take them.",
-                              fix=f"retrain with --set, or change only: {', '.join(allowed)}")
+            raise ConfigError(f"{', '.join(bad)} change(s) training, not scoring; a saved model cannot "
+                              "take them.", fix=f"retrain with --set, or change only: {', '.join(allowed)}")
         new_config = build_config(type(self.config), {**config_to_dict(self.config), **overrides})
         held = self.heldout_paths(data)
         self.config = model.config = new_config  # nothing changes before the inputs are known to be good
         compiled, self._compiled = self._compiled, None  # the compiled graph holds the old scoring settings
-        held_imgs = load_stack(held, self.config.image_size, self.channels, progress=progress,
+        held_imgs = load_stack(held, self.config.image_size, int(self.channels or 3), progress=progress,
                                desc="recalibrating")
         self.calibrate(held_imgs)
         self.info = {**self.info, "rescored": dict(overrides)}
@@ -230,18 +227,17 @@ class Detector:
 
     def heldout_paths(self, data: str | Path) -> list[Path]:
         """This detector's held-out normal images (``info["heldout_files"]``) in ``data``, sorted; checked by
-        content (:func:`anomap.data.dataset.find_heldout`). Models saved before the fingerprints were stored
-        are matched by name alone, with a warning.
+        content against ``info["heldout_sha256"]`` (:func:`anomap.data.dataset.find_heldout`).
 
         Raises:
-            ConfigError: ``data`` is not the folder the detector was trained on.
+            ConfigError: ``data`` is not the folder the detector was trained on, or the detector does not
+                know its held-out images (not trained by ``fit``).
         """
-        digests = self.info.get("heldout_sha256")
-        if digests is None and not self._warned_names_only:
-            log.warning("%s: this model was saved without fingerprints of its held-out images; they were "
-                        "matched by file name only (re-train to store them)", data)
-            self._warned_names_only = True
-        return find_heldout(data, list(self.info.get("heldout_files") or []), digests)
+        names, digests = self.info.get("heldout_files"), self.info.get("heldout_sha256")
+        if not names or digests is None:
+            raise ConfigError("this model does not record its held-out images (file names and fingerprints).",
+                              fix="retrain it with `anomap fit` (this anomap version stores them)")
+        return find_heldout(data, list(names), list(digests))
 
     def compile(self, batch_size: int = PREDICT_BATCH, warmup: bool = True) -> Detector:
         """Score with the method's ``predict`` compiled by ``torch.compile`` (see :mod:`anomap.compiled`).
@@ -250,7 +246,7 @@ class Detector:
         the compile cost (tens of seconds on 2 cores) is paid now instead of at the first prediction.
         Falls back to eager PyTorch with a warning when compiling fails. Returns ``self``.
         """
-        model = self._require_model()
+        model = self.require_model()
         model.eval()
         self._compiled = CompiledPredict(model, batch_size)
         if warmup:
@@ -259,85 +255,74 @@ class Detector:
         return self
 
     # ---------------------------------------------------------------------------------- prediction
-    def _require_model(self) -> Method:
+    def require_model(self) -> Method:
+        """The trained method; NotFittedError (naming the fix) before ``fit`` or ``load``."""
         if self.model is None:
-            raise NotFittedError("this detector has not been trained.", fix="call fit(path) or anomap.load(file)")
+            raise NotFittedError("this detector has not been trained.",
+                                 fix="call fit(path) or anomap.load(file)")
         return self.model
 
     @torch.no_grad()
-    def predict_raw(self, images: np.ndarray, batch_size: int = PREDICT_BATCH) -> tuple[np.ndarray, np.ndarray]:
-        """Raw scores (N,) and maps (N, S, S) for uint8 images (N, S, S, C) already at the working size."""
+    def predict_raw(self, images: np.ndarray | ImageStore,
+                    batch_size: int = PREDICT_BATCH) -> tuple[np.ndarray, np.ndarray]:
+        """Raw scores (N,) and maps (N, S, S), float32, for uint8 images (N, S, S, C) at the working size.
+
+        This is the PyTorch :data:`~anomap.inference.Scorer` of :func:`~anomap.inference.score_images`.
+        """
         scores, maps = [], []
         for s, m in self._predict_batches(images, batch_size):
             scores.append(s)
             maps.append(m)
         if not scores:
-            return np.zeros(0, np.float32), np.zeros((0, self.config.image_size, self.config.image_size), np.float32)
+            size = self.config.image_size
+            return np.zeros(0, np.float32), np.zeros((0, size, size), np.float32)
         return np.concatenate(scores), np.concatenate(maps)
 
     @torch.no_grad()
     def _predict_batches(self, images: np.ndarray | ImageStore,
                          batch_size: int = PREDICT_BATCH) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Raw scores (b,) and maps (b, S, S) batch by batch, so that a caller can keep what it needs."""
-        model = self._require_model()
+        model = self.require_model()
         model.eval()
         for i in range(0, len(images), batch_size):
             x = Method.to_tensor(images[i:i + batch_size], self.device)
             s, m = (self._compiled or model.predict)(x)
             yield s.float().cpu().numpy(), m.float().cpu().numpy()
 
-    def prepare(self, image: Any) -> tuple[np.ndarray, tuple[int, int]]:
+    def prepare(self, image: ImageInput) -> tuple[np.ndarray, tuple[int, int]]:
         """One image (path, PIL image or array) -> uint8 (S, S, C) at the working size, original (H, W)."""
-        if self.channels is None:
-            self._require_model()
-        img = load_image(image, channels=self.channels)
-        return resize_u8(to_channels(img, self.channels), self.config.image_size), img.shape[:2]
+        self.require_model()
+        return prepare_image(image, int(self.channels or 3), self.config.image_size)
 
-    def predict(self, images: Any) -> AnomalyResult | list[AnomalyResult]:
-        """Score images; maps come back at each input's own resolution.
+    def predict(self, images: ImageInput | list[ImageInput] | tuple[ImageInput, ...] | Tensor,
+                ) -> AnomalyResult | list[AnomalyResult]:
+        """Score images through :func:`anomap.inference.score_images`; maps come back at each input's size.
 
         Args:
             images: a path, a PIL image or a (H, W[, C]) array -> one AnomalyResult; a list of those ->
                 a list of AnomalyResult; a uint8 array (B, H, W, C) or a float tensor (B, C, H, W) in
                 [0, 1] -> one batched AnomalyResult with arrays (B,), (B, H, W), (B,).
         """
-        self._require_model()
-        thr = self.calibration.threshold
+        self.require_model()
         if isinstance(images, Tensor) or (isinstance(images, np.ndarray) and images.ndim == 4):
-            batch, hw = self._batch_to_u8(images)
-            scores, maps = self.predict_raw(batch)
-            maps = resize_maps(maps, hw)
-            flags = scores > thr if thr is not None else np.zeros(len(scores), bool)
-            return AnomalyResult(scores, maps, flags, thr)
-        if isinstance(images, (list, tuple)):
-            return [self._predict_one(im) for im in images]
-        return self._predict_one(images)
+            batch = u8_batch(images)
+            res = self._score(list(batch))
+            maps = np.stack(res.maps) if res.maps else np.zeros((0, *batch.shape[1:3]), np.float32)
+            return AnomalyResult(res.scores, maps, np.array(_flags(res), dtype=bool), res.threshold)
+        res = self._score(list(images) if isinstance(images, (list, tuple)) else [images])
+        out = [AnomalyResult(float(s), m, f, res.threshold)
+               for s, m, f in zip(res.scores, res.maps, _flags(res), strict=True)]
+        return out if isinstance(images, (list, tuple)) else out[0]
 
-    def _predict_one(self, image: Any) -> AnomalyResult:
-        img, hw = self.prepare(image)
-        scores, maps = self.predict_raw(img[None])
-        thr = self.calibration.threshold
-        score = float(scores[0])
-        return AnomalyResult(score, resize_maps(maps[0], hw), bool(thr is not None and score > thr), thr)
-
-    def _batch_to_u8(self, images: np.ndarray | Tensor) -> tuple[np.ndarray, tuple[int, int]]:
-        if isinstance(images, Tensor):
-            if images.ndim != 4:
-                raise ImageError(f"a tensor batch must be (B, C, H, W); got shape {tuple(images.shape)}.")
-            arr = (images.detach().float().clamp(0, 1) * 255 + 0.5).byte().permute(0, 2, 3, 1).cpu().numpy()
-        else:
-            arr = images
-            if arr.dtype != np.uint8:
-                raise ImageError(f"an array batch must be uint8 (B, H, W, C); got {arr.dtype}.",
-                                 fix="convert with (x * 255).astype(np.uint8) or pass a float tensor")
-        hw = (arr.shape[1], arr.shape[2])
-        out = np.stack([resize_u8(to_channels(a, self.channels), self.config.image_size) for a in arr])
-        return out, hw
+    def _score(self, images: list[ImageInput]) -> Scored:
+        return score_images(images, self.predict_raw, channels=int(self.channels or 3),
+                            size=self.config.image_size, threshold=self.calibration.threshold,
+                            batch_size=PREDICT_BATCH)
 
     # --------------------------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
         """Write one safetensors file: weights + JSON metadata (method, config, calibration, versions)."""
-        model = self._require_model()
+        model = self.require_model()
         meta = {
             "kind": "model",
             "anomap_version": __version__,
@@ -361,12 +346,15 @@ class Detector:
                 "this is a training checkpoint (.partial), not a finished model.", path=path,
                 fix="resume training with `anomap fit ... --resume` or load the final file",
             )
-        config = saved_config(meta)  # keys added since the file was written: the values it was made with
-        if device is not None:
-            config["device"] = device
         try:
-            det = cls(meta["method"], config)
-        except (KeyError, ConfigError) as e:
+            config = dict(meta["config"])
+            missing = sorted(set(fields_of(get_method_class(meta["method"]).Config)) - set(config))
+            if missing:  # written by a development version, before these keys existed: today's defaults
+                raise CheckpointError(  # would change what the model does, so the file is not read
+                    f"written by a development version of anomap 0.1.0 (config lacks {', '.join(missing)}).",
+                    path=path, fix="retrain the model with this anomap version (anomap fit)")
+            det = cls(meta["method"], {**config, **({} if device is None else {"device": device})})
+        except (KeyError, TypeError, ConfigError) as e:
             raise CheckpointError(f"metadata does not describe a usable model ({e}).", path=path) from None
         det.channels = int(meta["channels"])
         det.calibration = Calibration.from_dict(meta.get("calibration", {}))
@@ -386,6 +374,11 @@ class Detector:
     def describe(self) -> str:
         return json.dumps({"method": self.method_name, "config": config_to_dict(self.config),
                            "calibration": self.calibration.to_dict(), "info": self.info}, indent=2)
+
+
+def _flags(res: Scored) -> list[bool]:
+    """Verdicts as bools: an uncalibrated detector (no threshold) flags nothing."""
+    return [f is True for f in res.is_anomalous]
 
 
 def create(method: str, **config: Any) -> Detector:

@@ -41,3 +41,7 @@ class CheckpointError(AnomapError):
 
 class NotFittedError(AnomapError):
     """A detector was used before `fit` or `load`."""
+
+
+class ExportError(AnomapError):
+    """An export could not be written, or its parity check failed."""

@@ -7,8 +7,8 @@ from typing import Any, TypeVar
 
 from anomap.errors import ConfigError
 
-_REGISTRY: dict[str, type] = {}
-T = TypeVar("T", bound=type)
+_REGISTRY: dict[str, type[Any]] = {}
+T = TypeVar("T", bound=type[Any])
 
 
 def register(name: str) -> Callable[[T], T]:
@@ -24,7 +24,7 @@ def register(name: str) -> Callable[[T], T]:
     return deco
 
 
-def get_method_class(name: str) -> type:
+def get_method_class(name: str) -> type[Any]:
     """The Method class registered as ``name``; a ConfigError naming the choices otherwise."""
     if name not in _REGISTRY:
         raise ConfigError(
@@ -38,9 +38,9 @@ def list_methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def saved_config(meta: dict) -> dict[str, Any]:
-    """The config values stored in a file's metadata, completed with ``Config.ADDED_LATER`` of its method:
-    a key the file lacks (it was written before the key existed) takes the value that reproduces what
-    the file's model did, not today's default."""
-    added = getattr(getattr(_REGISTRY.get(str(meta.get("method"))), "Config", None), "ADDED_LATER", {})
-    return {**added, **dict(meta.get("config") or {})}
+def saved_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """The config values stored in a file's metadata, as written (no migration of older files).
+
+    Only ``train/resume.py`` still calls this; delete it once that reads ``meta["config"]`` itself.
+    """
+    return dict(meta.get("config") or {})

@@ -110,8 +110,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Score files/folders/globs in batches. Exit 0: every file scored; 1: some were skipped (listed)."""
     from tqdm import tqdm
 
-    from anomap.export.backend import load_backend
-    from anomap.export.batch import RowWriter, collect_inputs, predict_stream
+    from anomap.runtime.backend import load_backend
+    from anomap.runtime.batch import RowWriter, collect_inputs, predict_stream
 
     if args.model:
         model, inputs = args.model, list(args.inputs)
@@ -277,7 +277,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ConfigError(f"`anomap serve` needs the serve extra ({e.name} is not installed).",
                           fix="pip install 'anomap[serve]'") from None
-    from anomap.export.backend import load_backend
+    from anomap.runtime.backend import load_backend
     from anomap.train.runtime import set_threads
 
     if not 0 < args.port < 65536:

@@ -206,10 +206,10 @@ def file_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def find_heldout(data: str | Path, names: Sequence[str], digests: Sequence[str] | None) -> list[Path]:
-    """A model's held-out normal images in ``data``'s ``train/good``, sorted: found by name, then, when the
-    model stored their fingerprints (``digests``, :func:`file_fingerprint`, in the order of ``names``),
-    compared by content, because MVTec-style folders of different categories use the same names.
+def find_heldout(data: str | Path, names: Sequence[str], digests: Sequence[str]) -> list[Path]:
+    """A model's held-out normal images in ``data``'s ``train/good``, sorted: found by name, then compared
+    by content with the model's fingerprints (``digests``, :func:`file_fingerprint`, in the order of
+    ``names``), because MVTec-style folders of different categories use the same names.
 
     Raises:
         ConfigError: ``data`` is not the folder the model was trained on (not all of them are there, or
@@ -220,13 +220,12 @@ def find_heldout(data: str | Path, names: Sequence[str], digests: Sequence[str] 
     if not names or len(found) != len(wanted):
         raise ConfigError(f"the model's {len(names)} held-out images were not all found in this folder.",
                           path=data, fix="give the folder the model was trained on")
-    if digests is not None:
-        changed = [n for n, d in zip(names, digests, strict=True) if file_fingerprint(found[n]) != d]
-        if changed:
-            raise ConfigError(
-                f"{len(changed)} of the model's {len(names)} held-out images have other content here than "
-                f"when it was trained (first: {changed[0]}).", path=data,
-                fix="give the folder the model was trained on, with its images unchanged")
+    changed = [n for n, d in zip(names, digests, strict=True) if file_fingerprint(found[n]) != d]
+    if changed:
+        raise ConfigError(
+            f"{len(changed)} of the model's {len(names)} held-out images have other content here than "
+            f"when it was trained (first: {changed[0]}).", path=data,
+            fix="give the folder the model was trained on, with its images unchanged")
     return sorted(found.values())
 
 

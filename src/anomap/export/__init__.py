@@ -1,0 +1,1 @@
+"""Model export: the ONNX writer with its parity check (``anomap export``)."""

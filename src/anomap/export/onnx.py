@@ -33,8 +33,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from anomap.errors import AnomapError
-from anomap.export.backend import (
+from anomap._version import __version__
+from anomap.config import config_to_dict
+from anomap.data.images import is_image_file
+from anomap.detector import Detector
+from anomap.errors import AnomapError, ExportError, ImageError
+from anomap.methods.base import Method
+from anomap.runtime.backend import (
     ONNX_FORMAT,
     ONNX_FORMAT_KEY,
     ONNX_INPUT,
@@ -49,14 +54,10 @@ MAX_PARITY_IMAGES = 16
 INFO_KEYS = ("dataset", "n_fit", "n_heldout", "steps", "stopped_by", "fit_seconds", "device")
 
 
-class ExportError(AnomapError):
-    """An export could not be written, or its parity check failed."""
-
-
 class _Graph(nn.Module):
     """What is exported: uint8 (B, S, S, C) -> raw scores (B,), raw maps (B, S, S)."""
 
-    def __init__(self, method: nn.Module):
+    def __init__(self, method: Method):
         super().__init__()
         self.method = method
 
@@ -65,9 +66,7 @@ class _Graph(nn.Module):
         return self.method.predict(x)
 
 
-def _detector(detector_or_path: Any):
-    from anomap.detector import Detector
-
+def _detector(detector_or_path: str | Path | Detector) -> Detector:
     if isinstance(detector_or_path, Detector):
         det = detector_or_path
     else:
@@ -75,15 +74,12 @@ def _detector(detector_or_path: Any):
         if path.suffix.lower() == ".onnx":
             raise ExportError("is already an ONNX model.", path=path, fix="export the .safetensors model it came from")
         det = Detector.load(path, device="cpu")
-    det._require_model()
+    det.require_model()
     return det
 
 
-def _metadata(det, parity: dict | None) -> dict[str, str]:
+def _metadata(det: Detector, parity: dict[str, Any] | None) -> dict[str, str]:
     """metadata_props: every value JSON text (numbers stay numbers, strings are quoted)."""
-    from anomap import __version__
-    from anomap.config import config_to_dict
-
     cal = det.calibration.to_dict()
     s, c = det.config.image_size, det.channels
     values: dict[str, Any] = {
@@ -120,10 +116,10 @@ def _write_metadata(path: Path, props: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def _trace(det, path: Path, opset: int) -> None:
+def _trace(det: Detector, path: Path, opset: int) -> None:
     """Write the bare graph (no metadata) with the TorchScript-based exporter."""
-    s, c = det.config.image_size, det.channels
-    graph = _Graph(det.model).eval()
+    s, c = det.config.image_size, int(det.channels or 3)
+    graph = _Graph(det.require_model()).eval()
     example = torch.zeros(2, s, s, c, dtype=torch.uint8)  # batch 2: the batch axis is traced as symbolic
     axes = {ONNX_INPUT: {0: "batch"}, **{name: {0: "batch"} for name in ONNX_OUTPUTS}}
     with warnings.catch_warnings(), torch.no_grad():
@@ -132,20 +128,18 @@ def _trace(det, path: Path, opset: int) -> None:
                           dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
 
 
-def heldout_images(det) -> list[Path]:
+def heldout_images(det: Detector) -> list[Path]:
     """The held-out normal images of the training data, when its folder still holds them (else [])."""
-    from anomap.errors import AnomapError
-
     dataset = det.info.get("dataset")
     if not dataset or not Path(dataset).is_dir():
         return []
     try:
-        return det.heldout_paths(dataset)  # found by name, checked by content
+        return det.heldout_paths(dataset)  # found by name, checked by content (fingerprints)
     except AnomapError:
         return []
 
 
-def collect_parity_images(det, images: str | Path | Sequence[str | Path] | None) -> tuple[list[Path], str]:
+def collect_parity_images(det: Detector, images: str | Path | Sequence[str | Path] | None) -> tuple[list[Path], str]:
     """Images for the parity check and where they came from.
 
     ``images`` (a folder, searched recursively, or a list of files) wins; otherwise the held-out normal
@@ -154,8 +148,6 @@ def collect_parity_images(det, images: str | Path | Sequence[str | Path] | None)
     Raises:
         ExportError: no images could be found (the message says to pass ``--images`` or ``--no-parity``).
     """
-    from anomap.data.images import is_image_file
-
     if images is not None:
         items = [images] if isinstance(images, (str, Path)) else list(images)
         found: list[Path] = []
@@ -181,7 +173,7 @@ def collect_parity_images(det, images: str | Path | Sequence[str | Path] | None)
     return found, source
 
 
-def parity_check(det, onnx_path: str | Path, images: Sequence[str | Path], tol: float = DEFAULT_TOL,
+def parity_check(det: Detector, onnx_path: str | Path, images: Sequence[str | Path], tol: float = DEFAULT_TOL,
                  threads: int = 2) -> dict[str, Any]:
     """Run PyTorch and onnxruntime on the same prepared images; compare normalised maps and scores.
 
@@ -195,8 +187,6 @@ def parity_check(det, onnx_path: str | Path, images: Sequence[str | Path], tol: 
     Raises:
         ExportError: a difference exceeds ``tol`` (the message gives both figures) or an image is unreadable.
     """
-    from anomap.errors import ImageError
-
     batch = []
     for p in images:
         try:
@@ -232,7 +222,7 @@ def parity_check(det, onnx_path: str | Path, images: Sequence[str | Path], tol: 
     return report
 
 
-def export_onnx(detector_or_path: Any, out: str | Path, *, opset: int = DEFAULT_OPSET,
+def export_onnx(detector_or_path: str | Path | Detector, out: str | Path, *, opset: int = DEFAULT_OPSET,
                 parity_images: str | Path | Sequence[str | Path] | None = None, tol: float = DEFAULT_TOL,
                 parity: bool = True, threads: int = 2) -> dict[str, Any]:
     """Export a trained detector to ONNX and prove that onnxruntime reproduces it.
@@ -256,7 +246,7 @@ def export_onnx(detector_or_path: Any, out: str | Path, *, opset: int = DEFAULT_
     t0 = time.perf_counter()
     det = _detector(detector_or_path)
     if det.device.type != "cpu":
-        det.model.to("cpu")
+        det.require_model().to("cpu")
         det.device = torch.device("cpu")
     files, source = collect_parity_images(det, parity_images) if parity else ([], "")
     out = Path(out)

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from anomap import __version__
-from anomap.export.backend import Backend, load_backend
+from anomap._version import __version__
 from anomap.report.overlay import downscale, heatmap_overlay, png_data_uri
+from anomap.runtime.backend import Backend, load_backend
 from anomap.serve.decode import ACCEPTED_TEXT, UploadError, clean_label, decode_upload
 from anomap.serve.limits import Gate, Limits, Overloaded, TimedOut
 from anomap.serve.security import SecurityHeaders, docs_routes
@@ -135,13 +135,17 @@ async def _read_uploads(request: Request, limits: Limits) -> list[tuple[str, byt
 
 
 class Predictor:
-    """Decodes, scores and renders uploads (runs in a worker thread)."""
+    """Decodes, scores and renders uploads (runs in a worker thread).
+
+    Uploads are decoded here (with the service's limits), then scored through the backend's
+    :meth:`~anomap.runtime.backend.Backend.score`: the one prepare-and-score path of anomap.
+    """
 
     def __init__(self, backend: Backend, limits: Limits):
         self.backend = backend
         self.limits = limits
 
-    def _chunks(self, uploads: list[tuple[str, bytes]]):
+    def _chunks(self, uploads: list[tuple[str, bytes]]) -> Iterator[list[tuple[str, np.ndarray]]]:
         """Decoded images in chunks of at most ``batch_size`` images and about ``max_pixels`` pixels."""
         chunk: list[tuple[str, np.ndarray]] = []
         pixels = 0
@@ -161,16 +165,16 @@ class Predictor:
         cal = self.backend.calibration
         out: list[dict[str, Any]] = []
         for chunk in self._chunks(uploads):
-            preds = self.backend.predict_images([img for _, img in chunk])
-            for (label, img), (score, amap) in zip(chunk, preds, strict=True):
-                score = float(score)
+            res = self.backend.score([img for _, img in chunk], threshold=threshold, maps=heatmap)
+            for k, (label, img) in enumerate(chunk):
+                score = float(res.scores[k])
                 finite = math.isfinite(score)
-                res = {"label": label, "score": score if finite else None, "threshold": threshold,
-                       "is_anomalous": bool(score > threshold) if threshold is not None and finite else None,
-                       "width": int(img.shape[1]), "height": int(img.shape[0]), "heatmap": None}
+                item = {"label": label, "score": score if finite else None, "threshold": threshold,
+                        "is_anomalous": res.is_anomalous[k] if finite else None,
+                        "width": int(img.shape[1]), "height": int(img.shape[0]), "heatmap": None}
                 if heatmap:
-                    res["heatmap"] = self._overlay(img, amap, cal.map_low, cal.map_scale)
-                out.append(res)
+                    item["heatmap"] = self._overlay(img, res.maps[k], cal.map_low, cal.map_scale)
+                out.append(item)
         return out
 
     def _overlay(self, img: np.ndarray, amap: np.ndarray, low: float | None, top: float | None) -> str:
@@ -275,7 +279,7 @@ def create_app(model: str | Path | Backend, backend: str | None = None, *, devic
         threshold: float | None = Query(None, description="decide with this threshold instead of the "
                                                           "calibrated one"),
         heatmap: bool = Query(False, description="also return the heat-map overlay as a PNG data URI"),
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | JSONResponse:
         t0 = time.perf_counter()
         if threshold is not None and not math.isfinite(threshold):
             raise HTTPException(400, "threshold must be a finite number.")

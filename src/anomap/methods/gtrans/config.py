@@ -92,10 +92,6 @@ class GTransConfig(MethodConfig):
     SCORING_KEYS: ClassVar[tuple[str, ...]] = MethodConfig.SCORING_KEYS + ("smoothing_sigma", "distance", "map_heads",
                                                                           "map_norm", "image_score",
                                                                           "topk_fraction", "map_scales")
-    # what files written before these keys existed did (registry.saved_config)
-    ADDED_LATER: ClassVar[dict[str, object]] = {"map_heads": "token", "hard_fraction": 0.0, "fine_tokens": "pool",
-                                                "teacher_pool": 1, "map_norm": "scale", "map_scales": [],
-                                                "image_score": "max", "warmup_frac": 0.0}
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {
             "image_size": 256,

@@ -3,12 +3,14 @@
 The CLI (``anomap predict``) and the service (``anomap serve``) score images through a :class:`Backend`
 and never care which runtime sits behind it::
 
-    backend = load_backend("model.onnx")             # or "model.safetensors" (PyTorch)
-    [(score, amap)] = backend.predict_images([image])  # map at the image's own (H, W)
-    flag = score > backend.calibration.threshold
+    backend = load_backend("model.onnx")                # or "model.safetensors" (PyTorch)
+    res = backend.score([image], threshold=backend.calibration.threshold)
+    res.scores[0], res.maps[0], res.is_anomalous[0]     # map at the image's own (H, W)
 
-Both backends return the method's *raw* scores and maps; calibration (threshold and the heat-map range
-``map_low``..``map_scale``) is exposed as :attr:`Backend.calibration`, never applied silently.
+Both go through :func:`anomap.inference.score_images` (the path ``Detector.predict`` takes too); a
+backend only supplies the model, :meth:`Backend.predict_prepared`. Scores and maps are the method's
+*raw* values; calibration (threshold and the heat-map range ``map_low``..``map_scale``) is exposed as
+:attr:`Backend.calibration`, never applied silently.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from anomap.data.images import load_image
-from anomap.data.transforms import resize_maps, resize_u8, to_channels
+from anomap._version import __version__
+from anomap.detector import Detector
 from anomap.errors import CheckpointError, ConfigError, ImageError
+from anomap.inference import ImageInput, Scored, prepare_image, score_images
+from anomap.train.checkpoint import read_metadata
 from anomap.types import Calibration
 
 BACKENDS = ("torch", "onnx")
@@ -58,7 +62,7 @@ class Backend:
         calibration: threshold, target_fpr and the heat-map range from held-out normal images.
         meta: JSON-able description: method, config, calibration, info, anomap_version.
         path: the model file (None for an in-memory detector).
-        batch_size: images per model call in :meth:`predict_images`.
+        batch_size: images per model call in :meth:`score`.
     """
 
     name: str = ""
@@ -74,34 +78,32 @@ class Backend:
         """Raw scores (B,) float32 and raw maps (B, S, S) float32 for uint8 (B, S, S, C) at the working size."""
         raise NotImplementedError
 
-    def prepare(self, image: Any) -> np.ndarray:
+    def prepare(self, image: ImageInput) -> np.ndarray:
         """One image (path, PIL image or array, any size) -> uint8 (S, S, C) at the working size.
 
         Raises:
             ImageError: the image cannot be decoded (the message names the file).
         """
-        img = load_image(image, channels=self.channels)
-        return resize_u8(to_channels(img, self.channels), self.image_size)
+        return prepare_image(image, self.channels, self.image_size)[0]
 
-    def predict_images(self, images: Sequence[Any]) -> list[tuple[float, np.ndarray]]:
-        """Score decoded images of any size; each map comes back at its image's (H, W).
+    def score(self, images: Sequence[ImageInput], *, threshold: float | None, maps: bool = True,
+              batch_size: int | None = None) -> Scored:
+        """Score images of any size through :func:`anomap.inference.score_images`.
 
         Args:
-            images: uint8 arrays (H, W[, C]) (or anything ``load_image`` accepts); scored in batches of
-                :attr:`batch_size`.
-
-        Returns:
-            One ``(raw score, raw map (H, W) float32)`` per image, in order.
+            images: uint8 arrays (H, W[, C]), paths or PIL images.
+            threshold: gives the verdicts (pass ``calibration.threshold`` for the calibrated one; None:
+                no verdicts).
+            maps: False skips resizing the raw maps back to each image's (H, W).
+            batch_size: images per model call (default :attr:`batch_size`).
         """
-        out: list[tuple[float, np.ndarray]] = []
-        for i in range(0, len(images), max(1, self.batch_size)):
-            chunk = images[i:i + max(1, self.batch_size)]
-            decoded = [load_image(im, channels=self.channels) for im in chunk]
-            batch = np.stack([resize_u8(to_channels(im, self.channels), self.image_size) for im in decoded])
-            scores, maps = self.predict_prepared(batch)
-            for img, score, amap in zip(decoded, scores, maps, strict=True):
-                out.append((float(score), resize_maps(amap, img.shape[:2])))
-        return out
+        return score_images(images, self.predict_prepared, channels=self.channels, size=self.image_size,
+                            threshold=threshold, batch_size=batch_size or self.batch_size, maps=maps)
+
+    def predict_images(self, images: Sequence[ImageInput]) -> list[tuple[float, np.ndarray]]:
+        """One ``(raw score, raw map (H, W) float32)`` per image, in order: :meth:`score` without verdicts."""
+        res = self.score(images, threshold=None)
+        return [(float(s), m) for s, m in zip(res.scores, res.maps, strict=True)]
 
     def _check_batch(self, batch_u8: np.ndarray) -> np.ndarray:
         arr = np.asarray(batch_u8)
@@ -130,12 +132,8 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, path_or_detector: Any, device: str | None = None, batch_size: int = DEFAULT_BATCH,
-                 compile: bool = False):
-        from anomap import __version__
-        from anomap.detector import Detector
-        from anomap.train.checkpoint import read_metadata
-
+    def __init__(self, path_or_detector: str | Path | Detector, device: str | None = None,
+                 batch_size: int = DEFAULT_BATCH, compile: bool = False):
         if isinstance(path_or_detector, Detector):
             det = path_or_detector
             version = __version__
@@ -146,7 +144,7 @@ class TorchBackend(Backend):
                                       path=self.path, fix="use --backend onnx (or load_backend(path, 'onnx'))")
             det = Detector.load(self.path, device=device)
             version = read_metadata(self.path).get("anomap_version", __version__)
-        det._require_model()
+        det.require_model()
         self.detector = det
         self.method = det.method_name
         self.channels = int(det.channels or 3)

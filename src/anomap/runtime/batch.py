@@ -20,7 +20,7 @@ import numpy as np
 
 from anomap.data.images import is_image_file, load_image, save_png_atomic
 from anomap.errors import AnomapError, DataError
-from anomap.export.backend import Backend
+from anomap.runtime.backend import Backend
 
 COLUMNS = ("path", "score", "is_anomalous", "threshold", "status", "error")
 GLOB_CHARS = frozenset("*?[")
@@ -142,14 +142,13 @@ def predict_stream(backend: Backend, paths: Sequence[Path], *, batch_size: int =
     threshold or score), threshold, status ("ok" or "error"), error (the reason, "" when ok).
 
     Args:
-        backend: a loaded :class:`~anomap.export.backend.Backend`.
+        backend: a loaded :class:`~anomap.runtime.backend.Backend`.
         paths: image files.
         batch_size: images per model call (and per decode step).
         threshold: overrides the calibrated threshold.
         overlays: folder for ``<name>_overlay.png`` files (image | heat map), if given.
         names: overlay base names (from :func:`collect_inputs`).
     """
-    from anomap.data.transforms import resize_maps, resize_u8, to_channels
     from anomap.report.overlay import heatmap_overlay, side_by_side
 
     thr = backend.calibration.threshold if threshold is None else float(threshold)
@@ -161,29 +160,22 @@ def predict_stream(backend: Backend, paths: Sequence[Path], *, batch_size: int =
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(_decode, backend, chunks[0]) if chunks else None
         for k, chunk in enumerate(chunks):
-            decoded = pending.result()
+            decoded = pending.result() if pending is not None else []
             pending = pool.submit(_decode, backend, chunks[k + 1]) if k + 1 < len(chunks) else None
             good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-            scores: dict[int, float] = {}
-            maps: dict[int, np.ndarray] = {}
-            if good:
-                batch = np.stack([resize_u8(to_channels(decoded[i], backend.channels), backend.image_size)
-                                  for i in good])
-                s, m = backend.predict_prepared(batch)
-                scores = {i: float(v) for i, v in zip(good, s, strict=True)}
-                maps = dict(zip(good, m, strict=True))
+            images = [d for d in decoded if isinstance(d, np.ndarray)]
+            res = backend.score(images, threshold=thr, maps=overlays is not None, batch_size=bs)
+            at = {i: j for j, i in enumerate(good)}  # position in the chunk -> position in res
             for i, p in enumerate(chunk):
                 d = decoded[i]
                 if not isinstance(d, np.ndarray):
                     yield {"path": str(p), "score": None, "is_anomalous": None, "threshold": thr,
                            "status": "error", "error": _message(d, p)}
                     continue
-                score = scores[i]
+                j = at[i]
                 if overlays is not None:
-                    amap = resize_maps(maps[i], d.shape[:2])
-                    ov = heatmap_overlay(d, amap, cal.map_low or 0.0, cal.map_scale or 1.0)
+                    ov = heatmap_overlay(d, res.maps[j], cal.map_low or 0.0, cal.map_scale or 1.0)
                     name = (names or {}).get(p, p.stem)
                     save_png_atomic(Path(overlays) / f"{name}_overlay.png", side_by_side([d, ov]))
-                yield {"path": str(p), "score": score, "is_anomalous": None if thr is None else bool(score > thr),
+                yield {"path": str(p), "score": float(res.scores[j]), "is_anomalous": res.is_anomalous[j],
                        "threshold": thr, "status": "ok", "error": ""}
-

@@ -1,0 +1,1 @@
+"""The deployment runtime: inference backends (PyTorch, ONNX) and batch prediction (``anomap predict``)."""
