@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         variants[f"{eager.method_name} (compiled)"] = compiled
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     with torch.no_grad():
-        for name, dets in variants.items():  # warm-up
+        for dets in variants.values():  # warm-up
             time_round(dets, imgs[:2])
         for _ in range(args.rounds):
             for name, dets in variants.items():

@@ -55,7 +55,7 @@ def heldout_loss(det: anomap.Detector, data: str, fit_images: bool = False) -> d
         for i in range(0, len(imgs), BATCH):
             targets, feat_preds, tok_preds = m._forward(m.to_tensor(imgs[i:i + BATCH], det.device))
             for h, preds in enumerate((tok_preds, feat_preds)):
-                sums[h] += [float(m.distance(t, p).mean(dim=(1, 2)).sum()) for t, p in zip(targets, preds)]
+                sums[h] += [float(m.distance(t, p).mean(dim=(1, 2)).sum()) for t, p in zip(targets, preds, strict=True)]
     tok, feat = sums / len(imgs)
     loss = det.config.w_tok * tok.sum() + det.config.w_feat * feat.sum()
     return {"images": "fit" if fit_images else "heldout", "n_images": len(imgs), "n_heldout": n_heldout,

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
     print(f"<!-- {datetime.date.today()} {cpu_name()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
-          f"onnxruntime {onnxruntime.__version__}, {args.threads} threads each (ort spinning {'on' if args.spin else 'off'}), batch 1, median of "
+          f"onnxruntime {onnxruntime.__version__}, {args.threads} threads each "
+          f"(ort spinning {'on' if args.spin else 'off'}), batch 1, median of "
           f"{args.repeat} x n images; command: python benchmarks/onnx_speed.py {' '.join(sys.argv[1:])} -->")
     print("| model | method | size | images | torch eager ms/img | onnxruntime ms/img | speed-up | "
           "max map diff (normalised) | max score diff (/thr) | onnx MB |")

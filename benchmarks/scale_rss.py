@@ -66,8 +66,8 @@ def make_category(root: Path, n: int, workers: int) -> Path:
         (root / sub).mkdir(parents=True, exist_ok=True)
     jobs += [(str(root / f"train/good/{i:06d}.png"), i, None) for i in range(n)]
     jobs += [(str(root / f"test/good/{i:05d}.png"), 10**7 + i, None) for i in range(n_test // 2)]
-    jobs += [(str(root / f"test/square/{i:05d}.png"), 2 * 10**7 + i, str(root / f"ground_truth/square/{i:05d}_mask.png"))
-             for i in range(n_test - n_test // 2)]
+    jobs += [(str(root / f"test/square/{i:05d}.png"), 2 * 10**7 + i,
+              str(root / f"ground_truth/square/{i:05d}_mask.png")) for i in range(n_test - n_test // 2)]
     with ProcessPoolExecutor(workers) as pool:
         list(pool.map(_write, jobs, chunksize=64))
     done.write_text("ok\n")

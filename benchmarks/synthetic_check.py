@@ -71,7 +71,7 @@ def _score(det: anomap.Detector, normals: np.ndarray, bad: np.ndarray, cross: bo
         det.calibrate(normals[~part])
         part_bad = np.tile(part, len(bad) // len(normals))
         for j, (res, sel) in enumerate(zip((*det.predict_raw(normals[part]), *det.predict_raw(bad[part_bad])),
-                                           (part, part, part_bad, part_bad))):
+                                           (part, part, part_bad, part_bad), strict=True)):
             out[j][sel] = res
     return tuple(out)
 

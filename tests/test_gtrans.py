@@ -57,7 +57,8 @@ def test_lite_taps_and_shapes_at_224(arch, taps, channels):
     assert t.taps == taps and t.channels == channels and not any(p.requires_grad for p in t.parameters())
     with torch.no_grad():
         feats = t(torch.rand(2, 3, 224, 224))
-    assert [tuple(f.shape) for f in feats] == [(2, c, 224 // s, 224 // s) for c, s in zip(channels, (8, 16, 32))]
+    assert [tuple(f.shape) for f in feats] == [(2, c, 224 // s, 224 // s)
+                                               for c, s in zip(channels, (8, 16, 32), strict=True)]
     t.train()
     assert not t.training and not t.net._bn0.training  # frozen BatchNorm whatever the loop does
 
@@ -95,7 +96,7 @@ def test_user_resnet18_file_round_trip(tmp_path, suffix):
     with torch.no_grad():
         ref = net.stages(t.normalise(x))[:3]
         got = t(x)
-    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+    assert all(torch.equal(a, b) for a, b in zip(ref, got, strict=True))
 
 
 def test_mismatching_teacher_files(tmp_path):
@@ -224,7 +225,7 @@ def test_teacher_pool_averages_each_targets_neighbourhood():
     raw = GTrans(build_config(GTransConfig, TINY), 3)
     pooled = GTrans(build_config(GTransConfig, {**TINY, "teacher_pool": 3}), 3)
     pooled.teacher.load_state_dict(raw.teacher.state_dict())
-    for r, p in zip(raw._teacher(x), pooled._teacher(x)):
+    for r, p in zip(raw._teacher(x), pooled._teacher(x), strict=True):
         assert p.shape == r.shape
         assert torch.allclose(p[..., 1, 1], r[..., :3, :3].mean(dim=(-2, -1)), atol=1e-6)  # inner cell: 3x3
         assert torch.allclose(p[..., 0, 0], r[..., :2, :2].mean(dim=(-2, -1)), atol=1e-6)  # corner: its 4 cells

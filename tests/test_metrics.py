@@ -3,6 +3,7 @@ and what evaluate needs of a detector."""
 
 from __future__ import annotations
 
+import itertools
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -209,7 +210,7 @@ def _brute_aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> float
     """Exact AUPRO with a threshold at every distinct map value (pixel anomalous when map >= t)."""
     normal = np.sort(maps[~masks])
     regions = []
-    for img, mask in zip(maps, masks):
+    for img, mask in zip(maps, masks, strict=True):
         lab, count = ndimage.label(mask, structure=np.ones((3, 3)))
         regions += [np.sort(img[lab == r]) for r in range(1, count + 1)]
     fprs, pros = [0.0], [0.0]
@@ -217,7 +218,7 @@ def _brute_aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> float
         fprs.append((normal.size - np.searchsorted(normal, t, side="left")) / normal.size)
         pros.append(np.mean([(r.size - np.searchsorted(r, t, side="left")) / r.size for r in regions]))
     area = 0.0
-    for (f0, p0), (f1, p1) in zip(zip(fprs, pros), zip(fprs[1:], pros[1:])):
+    for (f0, p0), (f1, p1) in itertools.pairwise(zip(fprs, pros, strict=True)):
         if f0 >= fpr_limit:
             break
         if f1 > fpr_limit:  # clip the last segment at fpr_limit

@@ -89,7 +89,7 @@ def test_all_good_exits_0_and_prints_rows(setup, capsys):
     files = sorted(setup["in"].glob("*_0*.png"))
     assert main(["predict", "--model", str(setup["model"]), *map(str, files), "-q"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == len(files) and all(line.split("\t")[2] == str(f) for line, f in zip(lines, files))
+    assert len(lines) == len(files) and all(line.split("\t")[2] == str(f) for line, f in zip(lines, files, strict=True))
 
 
 def test_onnx_backend_gives_the_same_verdicts(setup, tmp_path):

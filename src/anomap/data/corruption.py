@@ -140,6 +140,10 @@ def _pick(rng: np.random.Generator, weights: dict[str, float]) -> str:
 class _Ctx:
     """Per-image state shared by the fill functions."""
 
+    h: int  # image height, width, channels
+    w: int
+    c: int
+
     def __init__(self, image: np.ndarray, cfg: CorruptionConfig, pool: np.ndarray | None):
         self.u8, self.img, self.cfg, self.pool = image, image.astype(np.float32), cfg, pool
         self.h, self.w, self.c = image.shape

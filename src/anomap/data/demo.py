@@ -241,7 +241,7 @@ def build_demo(
     jobs: list[tuple[str, str | None, int]] = [("train/good", None, i) for i in range(n_train)]
     jobs += [("test/good", None, i) for i in range(n_test_good)]
     jobs += [(f"test/{d}", d, i) for d in DEFECT_TYPES for i in range(n_per_defect)]
-    codes = {None: 0, **{d: k + 1 for k, d in enumerate(DEFECT_TYPES)}}
+    codes: dict[str | None, int] = {None: 0, **{d: k + 1 for k, d in enumerate(DEFECT_TYPES)}}
     try:
         for folder, defect, i in jobs:
             split = 0 if folder == "train/good" else 1

@@ -13,6 +13,7 @@ Mode conversions work in bands of rows, so their temporaries stay small for huge
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -391,8 +392,6 @@ def save_png_atomic(path: str | Path, array_uint8: np.ndarray) -> None:
             Image.fromarray(np.ascontiguousarray(arr)).save(fh, format="PNG")
         os.replace(tmp, target)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise

@@ -79,7 +79,7 @@ def random_shape(kind: str, area: float, rng: np.random.Generator, min_px: int, 
         ext_x = max(float(np.abs(px).max()), min_px / 2)
         hh, ww = math.ceil(2 * ext_y) + 1, math.ceil(2 * ext_x) + 1
         canvas = Image.new("L", (ww, hh), 0)
-        pts = [(float(x + ww / 2 - 0.5), float(y + hh / 2 - 0.5)) for x, y in zip(px, py)]
+        pts = [(float(x + ww / 2 - 0.5), float(y + hh / 2 - 0.5)) for x, y in zip(px, py, strict=True)]
         ImageDraw.Draw(canvas).polygon(pts, fill=1)
         return np.asarray(canvas, dtype=bool)
     # blob: smooth noise (bicubic upsampling of a coarse grid) with a radial envelope, thresholded

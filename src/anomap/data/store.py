@@ -15,6 +15,7 @@ only pass through the kernel's page cache, so the process's peak RSS stays flat 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -55,7 +56,7 @@ class _File:
 
     def read_into(self, buf: np.ndarray, offset: int) -> None:
         """Fill the contiguous uint8 array ``buf`` with the file's bytes from ``offset``."""
-        view = memoryview(buf.reshape(-1))
+        view = buf.reshape(-1).data
         done = 0
         while done < len(view):
             part = view[done:done + MAX_READ]
@@ -73,10 +74,8 @@ class _File:
             done += got
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             os.close(self.fd)
-        except (OSError, AttributeError):
-            pass
 
 
 class ImageStore:
@@ -89,7 +88,8 @@ class ImageStore:
         self._file = file
         self._start = start
         self._n = n_rows
-        self._row_shape = tuple(int(v) for v in row_shape)
+        h, w, c = row_shape
+        self._row_shape = (int(h), int(w), int(c))
         self._row_bytes = int(np.prod(self._row_shape))
 
     @classmethod
@@ -201,7 +201,7 @@ def cache_key(paths: Sequence[str | Path], size: tuple[int, int], channels: int)
 
 
 def _write_rows(fd: int, row: np.ndarray, offset: int) -> None:
-    data = memoryview(np.ascontiguousarray(row).reshape(-1))
+    data = np.ascontiguousarray(row).reshape(-1).data
     done = 0
     while done < len(data):
         if hasattr(os, "pwrite"):

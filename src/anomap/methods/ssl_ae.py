@@ -78,16 +78,17 @@ class SslAe(Method):
     """Structured-noise denoising autoencoder; see module docstring."""
 
     Config = SslAeConfig
+    config: SslAeConfig
 
     def __init__(self, config: SslAeConfig, channels: int):
         super().__init__(config, channels)
         self.net = DilatedConvAE(channels, config.width, tuple(config.dilations), full=config.full_middle)
         self.corruption = dataclasses.replace(
             PRESETS["ssl_ae"],
-            n_shapes=tuple(config.n_shapes),
-            shape_area=tuple(config.shape_area),
+            n_shapes=(config.n_shapes[0], config.n_shapes[1]),
+            shape_area=(config.shape_area[0], config.shape_area[1]),
             fills=dict(config.fill_probs),
-            alpha=tuple(config.alpha_range),
+            alpha=(config.alpha_range[0], config.alpha_range[1]),
         )
 
     def stages(self, n_fit: int) -> list[Stage]:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from anomap.errors import CheckpointError, ConfigError
 from anomap.fileio import read_state_dict as _read
-from anomap.nn.resnet import RESNETS
+from anomap.nn.resnet import RESNETS, ResNet
 
 LITE_NAMES = {f"efficientnet_lite{i}": f"efficientnet-lite{i}" for i in range(3)}
 TEACHER_ARCHS = (*LITE_NAMES, *RESNETS)
@@ -97,14 +97,14 @@ def check_state_dict(state: dict[str, Tensor], expected: dict[str, torch.Size], 
                           fix=f"give a {arch} state_dict, or set teacher_arch to the file's architecture")
 
 
-def _lite_taps(net: nn.Module) -> list[int]:
+def _lite_taps(net: EfficientNet) -> list[int]:
     """Indices of the last block of stages 3, 5 and 7 (strides 8, 16, 32)."""
     outs = [blk._block_args.output_filters for blk in net._blocks]
     ends = [i for i in range(len(outs)) if i == len(outs) - 1 or outs[i + 1] != outs[i]]
     return [ends[2], ends[4], ends[6]]
 
 
-def _build(arch: str, image_size: int, keep_head: bool) -> nn.Module:
+def _build(arch: str, image_size: int, keep_head: bool) -> EfficientNet | ResNet:
     if arch in LITE_NAMES:
         # static TF "same" padding computed for the working size (exact, and ONNX friendly)
         return EfficientNet.from_name(LITE_NAMES[arch], image_size=image_size)
@@ -122,6 +122,9 @@ class Teacher(nn.Module):
     Weights are random until :meth:`load_pretrained` is called.
     """
 
+    mean: Tensor  # registered buffers
+    std: Tensor
+
     def __init__(self, arch: str = "efficientnet_lite0", image_size: int = 224, keep_head: bool = False):
         super().__init__()
         self.arch = canonical_arch(arch)
@@ -129,7 +132,12 @@ class Teacher(nn.Module):
         self.keep_head = keep_head
         self.is_lite = self.arch in LITE_NAMES
         self.net = _build(self.arch, image_size, keep_head)
-        if self.is_lite:
+        if isinstance(self.net, ResNet):
+            self.taps = [0, 1, 2]
+            self.channels = tuple(self.net.channels[:3])
+            self.strides = (4, 8, 16)
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        else:
             self.taps = _lite_taps(self.net)
             self.channels = tuple(int(self.net._blocks[i]._block_args.output_filters) for i in self.taps)
             self.strides = (8, 16, 32)
@@ -137,11 +145,6 @@ class Teacher(nn.Module):
             if not keep_head:
                 for name in ("_conv_head", "_bn1", "_fc"):
                     delattr(self.net, name)
-        else:
-            self.taps = [0, 1, 2]
-            self.channels = tuple(self.net.channels[:3])
-            self.strides = (4, 8, 16)
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
@@ -188,7 +191,7 @@ class Teacher(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         """Three feature maps (B, C_s, H/stride_s, W/stride_s) for images in [0, 1]."""
         x = self.normalise(x)
-        if not self.is_lite:
+        if isinstance(self.net, ResNet):
             return self.net.stages(x)[:3]
         net = self.net
         x = net._swish(net._bn0(net._conv_stem(x)))

@@ -91,13 +91,13 @@ class Student(nn.Module):
         self.stem = nn.ModuleList(stages)
         self.tap_index = [stem_strides.index(s) for s in strides]
         feat_ch = [STEM[i][0] for i in self.tap_index]
-        self.feat_heads = nn.ModuleList(nn.Conv2d(c, o, 1) for c, o in zip(feat_ch, out_channels))
+        self.feat_heads = nn.ModuleList(nn.Conv2d(c, o, 1) for c, o in zip(feat_ch, out_channels, strict=True))
         fold = [4 if s == 0 and self.shuffle_first else 1 for s in range(len(strides))]  # 2x2 cells per token
-        self.mixers = nn.ModuleList(nn.Conv2d(c * k, dim, 1) for c, k in zip(feat_ch, fold))
+        self.mixers = nn.ModuleList(nn.Conv2d(c * k, dim, 1) for c, k in zip(feat_ch, fold, strict=True))
         self.scale_embed = nn.Parameter(torch.zeros(len(strides), dim))
         self.blocks = nn.ModuleList(Block(dim, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
-        self.tok_heads = nn.ModuleList(nn.Conv2d(dim, o * k, 1) for o, k in zip(out_channels, fold))
+        self.tok_heads = nn.ModuleList(nn.Conv2d(dim, o * k, 1) for o, k in zip(out_channels, fold, strict=True))
         self.apply(init_weights)
         nn.init.trunc_normal_(self.scale_embed, std=0.02)
 
@@ -108,10 +108,10 @@ class Student(nn.Module):
             h = stage(h)
             maps.append(h)
         feats = [maps[i] for i in self.tap_index]
-        feat_preds = [head(f) for head, f in zip(self.feat_heads, feats)]
+        feat_preds = [head(f) for head, f in zip(self.feat_heads, feats, strict=True)]
 
         tokens, grids = [], []
-        for s, (mix, f) in enumerate(zip(self.mixers, feats)):
+        for s, (mix, f) in enumerate(zip(self.mixers, feats, strict=True)):
             if s == 0 and self.shuffle_first:
                 t = mix(F.pixel_unshuffle(f, 2))
             elif s == 0 and self.pool_first:

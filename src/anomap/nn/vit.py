@@ -168,6 +168,8 @@ class ViTEncoder(nn.Module):
         mlp_ratio: MLP hidden size / dim.
     """
 
+    pos_embed: Tensor  # registered buffer (1, 1 + grid**2, dim), CLS position first
+
     def __init__(self, image_size: int, patch: int, channels: int, dim: int, depth: int, heads: int,
                  mlp_ratio: float = 4.0):
         super().__init__()
@@ -210,6 +212,8 @@ class MaeDecoder(nn.Module):
         dim, depth, heads: decoder width, blocks, heads.
         mlp_ratio: MLP hidden size / dim.
     """
+
+    pos_embed: Tensor  # registered buffer (1, 1 + grid**2, dim), CLS position first
 
     def __init__(self, grid: int, patch: int, channels: int, enc_dim: int, dim: int, depth: int, heads: int,
                  mlp_ratio: float = 4.0):

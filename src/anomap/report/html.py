@@ -13,6 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 import numpy as np
 
@@ -78,15 +79,16 @@ def _esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _is_num(v: object) -> bool:
+def _is_num(v: object) -> TypeGuard[int | float | np.integer | np.floating]:
+    """A real number (Python or numpy), not a bool."""
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
 def _fmt(v: object, spec: str = ".3f") -> str:
     """Format a number (None / NaN -> "n/a")."""
-    if v is None or not _is_num(v) or not math.isfinite(float(v)):  # type: ignore[arg-type]
+    if v is None or not _is_num(v) or not math.isfinite(float(v)):
         return "n/a"
-    return format(float(v), spec)  # type: ignore[arg-type]
+    return format(float(v), spec)
 
 
 def _fmt_value(v: object) -> str:
@@ -196,7 +198,7 @@ def _svg_plot(title: str, x: np.ndarray, y: np.ndarray, xmax: float, xlabel: str
     if diagonal:
         out.append(f'<line x1="{px(0)}" y1="{py(0)}" x2="{px(xmax):.1f}" y2="{py(min(xmax, 1.0)):.1f}" '
                    'stroke="#9aa3b2" stroke-dasharray="4 3"/>')
-    pts = " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in zip(*_decimate(x, np.clip(y, 0, 1))))
+    pts = " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in zip(*_decimate(x, np.clip(y, 0, 1)), strict=True))
     out.append(f'<polyline points="{pts}" fill="none" stroke="#d0452b" stroke-width="2" '
                'stroke-linejoin="round"/>')
     lx, ly = ml + pw - 150, mt + ph - 30
@@ -230,7 +232,7 @@ def _curve_panel(result: EvalResult, key: str, title: str, ykey: str, xmax: floa
 def _colorbar(vmin: float, vmax: float) -> str:
     stops = "".join(
         f'<stop offset="{t:.2f}" stop-color="rgb({c[0]},{c[1]},{c[2]})"/>'
-        for t, c in zip(np.linspace(0, 1, 17), colormap(np.linspace(0, 1, 17)))
+        for t, c in zip(np.linspace(0, 1, 17), colormap(np.linspace(0, 1, 17)), strict=True)
     )
     ticks = []
     for i in range(5):
@@ -258,7 +260,7 @@ def _common_scale(examples: dict[str, list[Example]], vmin: float | None,
 def _flag_html(ex: Example, flags: dict[str, bool], threshold: object) -> str:
     flagged: bool | None = flags.get(str(ex.path))
     if flagged is None and _is_num(threshold):
-        flagged = bool(float(ex.score) >= float(threshold))  # type: ignore[arg-type]
+        flagged = bool(float(ex.score) >= float(threshold))
     if flagged is None:
         return '<span class="na">not flagged (uncalibrated)</span>'
     return '<span class="flag">flagged</span>' if flagged else '<span class="ok">not flagged</span>'

@@ -91,7 +91,7 @@ def _resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     """Nearest-neighbour resize of a boolean (h, w) mask to (height, width)."""
     m = np.asarray(mask).astype(bool)
     if m.ndim == 3:
-        m = m.any(axis=2)
+        m = np.any(m, axis=2)
     if m.shape == (height, width):
         return m
     pil = Image.fromarray(m.astype(np.uint8) * 255)

@@ -15,7 +15,8 @@ Map (§4.4): per scale ``d(t_s, p_tok_s)`` divided by its mean over held-out nor
 ``calibrate``), upsampled bilinearly to the input size, averaged over scales, Gaussian-blurred; by
 default (``map_heads=fine_feature``) the finest scale, whose tokens are pooled 2x, uses its feature
 head's ``d(t_0, p_feat_0)`` at the full stride-8 grid instead;
-image score = its maximum (``image_score=topk_mean``: the mean of its top 1%). One teacher and one student pass per image.
+image score = its maximum (``image_score=topk_mean``: the mean of its top 1%).
+One teacher and one student pass per image.
 
 The teacher's weights are part of the method's ``state_dict``: a saved detector is self-contained
 (no user weight file is needed where it is loaded, and it keeps working if the weight package
@@ -25,8 +26,12 @@ before that the teacher is random (``Detector.load`` restores it from the file).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
+import operator
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +57,10 @@ class GTrans(Method):
     """Teacher-student feature regression across resolutions; see module docstring."""
 
     Config = GTransConfig
+    config: GTransConfig
+    map_mean: Tensor  # registered buffers (the per-scale feat_mean{k}, feat_std{k}, map_loc{h}_{k} are named)
+    map_mean_feat: Tensor
+    map_quant: Tensor
 
     def __init__(self, config: GTransConfig, channels: int):
         super().__init__(config, channels)
@@ -104,8 +113,8 @@ class GTrans(Method):
         self.teacher.load_pretrained(self.config.teacher_weights)
         device = self.map_mean.device
         n = len(self.scales)
-        s1: list[Tensor | float] = [0.0] * n
-        s2: list[Tensor | float] = [0.0] * n
+        s1 = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(n)]
+        s2 = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(n)]
         count = [0] * n
         self._cache_feats, self._cache_index = [], {}
         chunks: list[list[Tensor]] = [[] for _ in range(n)]
@@ -147,8 +156,8 @@ class GTrans(Method):
             idx = batch["cached"].to(self._cache_feats[0].device)
             raw = [f[idx].to(self.map_mean.device) for f in self._cache_feats]
         targets, feat_preds, tok_preds = self._forward(batch["image"], raw)
-        loss_tok = sum(self._loss_term(self.distance(t, p)) for t, p in zip(targets, tok_preds))
-        loss_feat = sum(self._loss_term(self.distance(t, p)) for t, p in zip(targets, feat_preds))
+        loss_tok = _total(self._loss_term(self.distance(t, p)) for t, p in zip(targets, tok_preds, strict=True))
+        loss_feat = _total(self._loss_term(self.distance(t, p)) for t, p in zip(targets, feat_preds, strict=True))
         loss = self.config.w_tok * loss_tok + self.config.w_feat * loss_feat
         return {"loss": loss, "loss_tok": loss_tok.detach(), "loss_feat": loss_feat.detach()}
 
@@ -182,8 +191,8 @@ class GTrans(Method):
             raw = self._teacher(x)
         targets = [(f - getattr(self, f"feat_mean{k}")) / getattr(self, f"feat_std{k}") for k, f in enumerate(raw)]
         feat_preds, tok_preds = self.student(self.teacher.normalise(x))
-        feat_preds = [_fit(p, t) for p, t in zip(feat_preds, targets)]
-        tok_preds = [_fit(p, t) for p, t in zip(tok_preds, targets)]
+        feat_preds = [_fit(p, t) for p, t in zip(feat_preds, targets, strict=True)]
+        tok_preds = [_fit(p, t) for p, t in zip(tok_preds, targets, strict=True)]
         return targets, feat_preds, tok_preds
 
     def distance(self, t: Tensor, p: Tensor) -> Tensor:
@@ -210,7 +219,7 @@ class GTrans(Method):
         for i in range(0, len(heldout), STAT_BATCH):
             targets, feat_preds, tok_preds = self._forward(heldout[i:i + STAT_BATCH].to(self.map_mean.device))
             for h, preds in enumerate((tok_preds, feat_preds)):
-                for k, (t, p) in enumerate(zip(targets, preds)):
+                for k, (t, p) in enumerate(zip(targets, preds, strict=True)):
                     dists[h][k].append(self.distance(t, p).double())
         for h, mean_buf in enumerate((self.map_mean, self.map_mean_feat)):
             for k in range(n):
@@ -253,7 +262,7 @@ class GTrans(Method):
             return (1,) if k == 0 and self.student.pool_first else (0,)
         return {"token": (0,), "feature": (1,), "both": (0, 1)}[mode]
 
-    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Models saved before ``map_heads`` / ``map_norm`` existed lack ``map_mean_feat`` / ``map_loc*`` /
         ``map_quant``: they start at their initial values (only those settings use them, and re-scoring with
         them recalibrates)."""
@@ -262,6 +271,11 @@ class GTrans(Method):
                        and (key in ("map_mean_feat", "map_quant") or key.startswith("map_loc"))}
             state_dict = {**state_dict, **missing}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _total(terms: Iterable[Tensor]) -> Tensor:
+    """The sum of the terms, left to right (as builtin ``sum``, whose ``0`` start types the result as int)."""
+    return functools.reduce(operator.add, terms)
 
 
 def _image_key(img: np.ndarray) -> bytes:
