@@ -7,6 +7,7 @@ import difflib
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, get_type_hints
 
@@ -42,6 +43,13 @@ def _in_range(key: str, value: float, lo: float | None, hi: float | None, *, lo_
             f">{'' if lo_open else '='} {lo:g}" if lo is not None else f"<{'' if hi_open else '='} {hi:g}")
         raise ConfigError(f"{key}={value!r} is out of range: it must be {where}.",
                           fix=f"e.g. {key}={example}" if example else None)
+
+
+def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    """ConfigError unless ``value`` (of config key ``key``) is one of ``allowed``."""
+    if value not in allowed:
+        options = ", ".join(allowed[:-1]) + " or " + allowed[-1] if len(allowed) > 1 else allowed[0]
+        raise ConfigError(f"{key}={value!r} is not known.", fix=f"use {options}")
 
 
 def check_image_score(kind: str, fraction: float, allowed: tuple[str, ...]) -> None:
@@ -115,52 +123,68 @@ _EXPECT = {bool: "true or false", int: "a whole number", float: "a finite number
            list: "a list such as [1, 2]", tuple: "a list such as [1, 2]", dict: "a mapping such as {a: 1}"}
 
 
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        low = value.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(value)
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise ValueError(value)
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(value)
+    if isinstance(value, (list, tuple, dict)) or value is None:
+        raise TypeError(value)
+    return int(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, (bool, list, tuple, dict)) or value is None:
+        raise TypeError(value)
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(value)
+    return out
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, (list, tuple, dict)) or value is None:
+        raise TypeError(value)
+    return str(value)
+
+
+_SCALARS: dict[Any, Callable[[Any], Any]] = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
+def _to_container(value: Any, typ: Any, origin: Any, key: str) -> Any:
+    """A list, tuple or dict field; a string is read as YAML first (``--set sizes=[1,2]``)."""
+    if isinstance(value, str):
+        value = yaml.safe_load(value)
+    if origin is dict or typ is dict:
+        if not isinstance(value, dict):
+            raise ValueError(value)
+        return dict(value)
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(value)
+    (inner,) = set(typ.__args__) - {Ellipsis} or {Any}
+    items = [_coerce(v, inner, key) if inner is not Any else v for v in value]
+    return list(items) if origin is list else tuple(items)
+
+
 def _coerce(value: Any, typ: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the key and the type."""
     origin = getattr(typ, "__origin__", None)
     try:
-        if typ is bool:
-            if isinstance(value, str):
-                low = value.lower()
-                if low in ("1", "true", "yes", "on"):
-                    return True
-                if low in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
-                return bool(value)
-            raise ValueError(value)
-        if typ is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            if isinstance(value, (list, tuple, dict)) or value is None:
-                raise TypeError(value)
-            return int(value)
-        if typ is float:
-            if isinstance(value, (bool, list, tuple, dict)) or value is None:
-                raise TypeError(value)
-            out = float(value)
-            if not math.isfinite(out):
-                raise ValueError(value)
-            return out
-        if typ is str:
-            if isinstance(value, (list, tuple, dict)) or value is None:
-                raise TypeError(value)
-            return str(value)
-        if origin in (list, tuple):
-            if isinstance(value, str):
-                value = yaml.safe_load(value)
-            if not isinstance(value, (list, tuple)):
-                raise ValueError(value)
-            (inner,) = set(typ.__args__) - {Ellipsis} or {Any}
-            items = [_coerce(v, inner, key) if inner is not Any else v for v in value]
-            return list(items) if origin is list else tuple(items)
-        if origin is dict or typ is dict:
-            if isinstance(value, str):
-                value = yaml.safe_load(value)
-            if not isinstance(value, dict):
-                raise ValueError(value)
-            return dict(value)
+        if typ in _SCALARS:
+            return _SCALARS[typ](value)
+        if origin in (list, tuple, dict) or typ is dict:
+            return _to_container(value, typ, origin, key)
     except (TypeError, ValueError, OverflowError, yaml.YAMLError):
         name = getattr(typ, "__name__", str(typ))
         expect = _EXPECT.get(origin or typ)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -55,7 +55,7 @@ class Calibration:
     n_heldout: int = 0
     heldout_scores: list[float] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "threshold": self.threshold,
             "target_fpr": self.target_fpr,
@@ -66,7 +66,7 @@ class Calibration:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> Calibration:
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
         return cls(
             threshold=d.get("threshold"),
             target_fpr=float(d.get("target_fpr", 0.05)),
@@ -91,10 +91,10 @@ class EvalResult:
     """
 
     metrics: dict[str, float | None]
-    rows: list[dict]
+    rows: list[dict[str, Any]]
     curves: dict[str, dict[str, list[float]]]
     per_defect: dict[str, float]
-    info: dict
+    info: dict[str, Any]
 
 
 # --- The evaluation seam: what anomap.evaluate uses of a detector ------------------------------------

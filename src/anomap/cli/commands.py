@@ -277,7 +277,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise ConfigError(f"`anomap serve` needs the serve extra ({e.name} is not installed).",
                           fix="pip install 'anomap[serve]'") from None
-    from anomap.runtime.backend import load_backend
+    from anomap.runtime.backend import DEFAULT_BATCH, load_backend
     from anomap.train.runtime import set_threads
 
     if not 0 < args.port < 65536:
@@ -288,7 +288,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.compile:
         print("anomap serve: compiling the model for batches of 1 (tens of seconds, once)...", file=sys.stderr)
     backend = load_backend(args.model, args.backend, device=args.device, threads=args.threads,
-                           **({"batch_size": 1, "compile": True} if args.compile else {}))
+                           batch_size=1 if args.compile else DEFAULT_BATCH, compile=args.compile)
     app = create_app(backend, limits=limits, cors_origins=args.cors_origin or ())
     keyed = bool(os.environ.get(API_KEY_ENV))
     print(f"anomap serve: {backend.method} ({backend.name} backend) on http://{args.host}:{args.port}/ "

@@ -130,7 +130,7 @@ def _pixel_metrics_exact(maps: np.ndarray, masks: np.ndarray) -> dict[str, Any]:
     rounding = round_up(area_rounding_bound(maps.size + 2))
     info.update({"pixel_auroc_max_error": rounding, "aupro_max_error": rounding})
     return {"pixel_auroc": pix, "roc": pix_curve, "aupro": trapezoid(pp, pf) / PRO_LIMIT,
-            "pro": dict(zip(("fpr", "pro"), downsample_curve(pf, pp))), "info": info}
+            "pro": dict(zip(("fpr", "pro"), downsample_curve(pf, pp), strict=True)), "info": info}
 
 
 def _pixel_metrics_streaming(spool: MapSpool) -> dict[str, Any]:
@@ -145,7 +145,7 @@ def _pixel_metrics_streaming(spool: MapSpool) -> dict[str, Any]:
                  "aupro_max_error": round_up(pro_err)})
     aupro = float(np.clip(trapezoid(pp, pf) / PRO_LIMIT, 0, 1))
     return {"pixel_auroc": pix, "roc": pix_curve, "aupro": aupro,
-            "pro": dict(zip(("fpr", "pro"), downsample_curve(pf, pp))), "info": info}
+            "pro": dict(zip(("fpr", "pro"), downsample_curve(pf, pp), strict=True)), "info": info}
 
 
 def _metrics(det: EvaluableDetector, samples: list[Sample], scores: np.ndarray, labels: np.ndarray,
@@ -176,10 +176,10 @@ def _metrics(det: EvaluableDetector, samples: list[Sample], scores: np.ndarray, 
         {"path": str(s.path), "defect_type": s.defect_type, "label": int(s.label), "score": float(sc),
          "is_anomalous": bool(thr is not None and sc > thr),
          "mask_path": None if s.mask_path is None else str(s.mask_path)}
-        for s, sc in zip(samples, scores)
+        for s, sc in zip(samples, scores, strict=True)
     ]
     curves = {
-        "image_roc": dict(zip(("fpr", "tpr"), downsample_curve(fpr, tpr))),
+        "image_roc": dict(zip(("fpr", "tpr"), downsample_curve(fpr, tpr), strict=True)),
         "pixel_roc": {"fpr": list(pix_curve.get("fpr", [])), "tpr": list(pix_curve.get("tpr", []))},
         "pro": pro_c,
     }

@@ -32,6 +32,7 @@ exact value are still summed in a different order.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,7 +157,7 @@ class PixelStream:
             raise ValueError(f"maps {maps.shape} and masks {masks.shape} differ in shape.")
         if maps.ndim == 2:
             maps, masks = maps[None], masks[None]
-        for values, mask in zip(maps, masks):
+        for values, mask in zip(maps, masks, strict=True):
             mask = mask.astype(bool, copy=False)
             idx = self.bin_index(values).ravel()
             flat = mask.ravel()
@@ -281,10 +282,8 @@ class MapSpool:
         """Close and delete the spool files."""
         self.close()
         for p in (self._maps_path, self._masks_path):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)
-            except FileNotFoundError:
-                pass
 
     def __enter__(self) -> Self:
         return self

@@ -127,7 +127,8 @@ class TorchBackend(Backend):
         batch_size: images per model call.
         compile: score with ``torch.compile`` (:mod:`anomap.compiled`): compiled now for ``batch_size``
             images per call, tens of seconds once, then about 1.3-1.5x faster for gtrans and 1.2x for
-            isstad on a 2-core CPU (docs/benchmarks.md); falls back to eager PyTorch with a warning when compiling fails.
+            isstad on a 2-core CPU (docs/benchmarks.md); falls back to eager PyTorch with a warning when
+            compiling fails.
     """
 
     name = "torch"

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +185,37 @@ class Predictor:
         return png_data_uri(heatmap_overlay(downscale(img, side), amap, low, top), max_side=side)
 
 
+def _key_check(key: str) -> Callable[..., None]:
+    """A FastAPI dependency that refuses a request without ``key`` in the API-key header (none: all pass)."""
+    header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
+                          description=f"required when the server sets {API_KEY_ENV}")
+
+    def require_key(given: str | None = Depends(header)) -> None:
+        if key and not (given and hmac.compare_digest(given.encode(), key.encode())):
+            raise HTTPException(401, f"missing or wrong API key: send it in the {API_KEY_HEADER} header.",
+                                headers={"WWW-Authenticate": API_KEY_HEADER})
+
+    return require_key
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error leaves as the same JSON shape: HTTP errors, bad parameters and crashes (logged)."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_params(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()]
+        return _error(400, "invalid request: " + "; ".join(parts))
+
+    @app.exception_handler(Exception)
+    async def crash(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error while serving a request")
+        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details.")
+
+
 def create_app(model: str | Path | Backend, backend: str | None = None, *, device: str | None = None,
                limits: Limits | None = None, api_key: str | None = None,
                cors_origins: Sequence[str] = ()) -> FastAPI:
@@ -219,27 +250,8 @@ def create_app(model: str | Path | Backend, backend: str | None = None, *, devic
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=[API_KEY_HEADER, "Content-Type"])
     docs_routes(app)
-    header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False,
-                          description=f"required when the server sets {API_KEY_ENV}")
-
-    def require_key(given: str | None = Depends(header)) -> None:
-        if key and not (given and hmac.compare_digest(given.encode(), key.encode())):
-            raise HTTPException(401, f"missing or wrong API key: send it in the {API_KEY_HEADER} header.",
-                                headers={"WWW-Authenticate": API_KEY_HEADER})
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_params(_: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in exc.errors()]
-        return _error(400, "invalid request: " + "; ".join(parts))
-
-    @app.exception_handler(Exception)
-    async def crash(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error while serving a request")
-        return _error(500, f"internal error ({type(exc).__name__}); the server log has the details.")
+    require_key = _key_check(key)
+    _error_handlers(app)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:

@@ -63,12 +63,14 @@ def docs_routes(app: FastAPI) -> None:
     assets = _offline_assets()
     if assets is not None:
         app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="docs-assets")
-        js, css = f"{DOCS_ASSETS}/swagger-ui-bundle.js", f"{DOCS_ASSETS}/swagger-ui.css"
-        icon = f"{DOCS_ASSETS}/favicon.png"
-    else:  # FastAPI's defaults (a CDN): the page needs a network then
-        js = css = icon = None
+    # without local assets FastAPI's defaults (a CDN) are used: the page needs a network then
+    js, css = f"{DOCS_ASSETS}/swagger-ui-bundle.js", f"{DOCS_ASSETS}/swagger-ui.css"
+    icon = f"{DOCS_ASSETS}/favicon.png"
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
-        extra = {} if js is None else {"swagger_js_url": js, "swagger_css_url": css, "swagger_favicon_url": icon}
-        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="anomap API", **extra)
+        url, title = app.openapi_url or "/openapi.json", "anomap API"
+        if assets is None:
+            return get_swagger_ui_html(openapi_url=url, title=title)
+        return get_swagger_ui_html(openapi_url=url, title=title, swagger_js_url=js, swagger_css_url=css,
+                                   swagger_favicon_url=icon)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from anomap.config import MethodConfig, check_image_score
+from anomap.config import MethodConfig, check_choice, check_image_score
 from anomap.errors import ConfigError
 from anomap.nn.efficientnet import LITE_NAMES, canonical_arch
 from anomap.nn.gtrans_student import FINE_TOKENS
@@ -121,15 +121,9 @@ class GTransConfig(MethodConfig):
         if self.teacher_pool < 1 or self.teacher_pool % 2 == 0:
             raise ConfigError(f"teacher_pool={self.teacher_pool} must be an odd number >= 1.",
                               fix="use 1 (raw features) or e.g. 3")
-        if self.fine_tokens not in FINE_TOKENS:
-            raise ConfigError(f"fine_tokens={self.fine_tokens!r} is not known.", fix="use pool or shuffle")
-        if self.distance not in DISTANCES:
-            raise ConfigError(f"distance={self.distance!r} is not known.", fix="use both, l2 or cos")
-        if self.map_heads not in MAP_HEADS:
-            raise ConfigError(f"map_heads={self.map_heads!r} is not known.",
-                              fix="use token, feature, both or fine_feature")
-        if self.map_norm not in MAP_NORMS:
-            raise ConfigError(f"map_norm={self.map_norm!r} is not known.", fix="use scale, location or quantile")
+        for key, allowed in (("fine_tokens", FINE_TOKENS), ("distance", DISTANCES), ("map_heads", MAP_HEADS),
+                             ("map_norm", MAP_NORMS)):
+            check_choice(key, getattr(self, key), allowed)
         check_image_score(self.image_score, self.topk_fraction, ("max", "topk_mean"))
         if not self.scales or len(set(self.scales)) != len(self.scales) or not set(self.scales) <= {0, 1, 2}:
             raise ConfigError(f"scales={self.scales} is not usable.", fix="give distinct values from 0, 1, 2")

@@ -89,14 +89,10 @@ class IsstadConfig(MethodConfig):
             bad.append("need 1 <= dec_depth_stage1 <= dec_depth_stage2")
         if not 0.0 < self.mask_ratio < 1.0:
             bad.append(f"mask_ratio={self.mask_ratio} must be in (0, 1)")
-        if self.recon_target not in ("clean", "input"):
-            bad.append(f"recon_target={self.recon_target!r} must be clean or input")
-        if self.pixel_map not in PIXEL_MAPS:
-            bad.append(f"pixel_map={self.pixel_map!r} must be one of {', '.join(PIXEL_MAPS)}")
-        if self.image_score not in IMAGE_SCORES:
-            bad.append(f"image_score={self.image_score!r} must be one of {', '.join(IMAGE_SCORES)}")
-        if self.score_model not in ("stage1", "stage2"):
-            bad.append(f"score_model={self.score_model!r} must be stage1 or stage2")
+        for key, allowed in (("recon_target", ("clean", "input")), ("pixel_map", PIXEL_MAPS),
+                             ("image_score", IMAGE_SCORES), ("score_model", ("stage1", "stage2"))):
+            if getattr(self, key) not in allowed:
+                bad.append(f"{key}={getattr(self, key)!r} must be one of {', '.join(allowed)}")
         if not 0.0 <= self.corrupt_prob <= 1.0 or self.max_shapes < 1:
             bad.append("corrupt_prob must be in [0, 1] and max_shapes >= 1")
         if len(self.rrc_scale) != 2 or not 0.0 < self.rrc_scale[0] <= self.rrc_scale[1] <= 1.0:

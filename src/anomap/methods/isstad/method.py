@@ -94,6 +94,8 @@ class Isstad(Method):
 
     Config = IsstadConfig
     config: IsstadConfig
+    stage2_initialised: Tensor  # registered buffer (1,) uint8: decoder2 was copied from decoder1
+    ce_weight: Tensor  # registered buffer (2,): the cross-entropy class weights
 
     def __init__(self, config: IsstadConfig, channels: int):
         super().__init__(config, channels)
@@ -154,6 +156,7 @@ class Isstad(Method):
         ]
 
     def _trainable(self, stage: str) -> list[tuple[str, nn.Parameter]]:
+        names: tuple[str, ...]
         if stage == STAGE1:
             names = ("encoder.", "decoder1.")
         else:
