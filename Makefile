@@ -27,6 +27,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/anomap bench --data $(BENCH_DATA) --method $(BENCH_METHODS) --out runs/bench/benchmarks.md
