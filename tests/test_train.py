@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from anomap.config import MethodConfig
+from anomap.data.tensors import to_tensor
 from anomap.errors import AnomapError, CheckpointError, ConfigError
 from anomap.methods.base import Method, Stage, cosine_factor
 from anomap.train.checkpoint import (
@@ -57,7 +58,7 @@ class TinyAE(Method):
         self.enc.requires_grad_(name == "ae")
 
     def make_batch(self, images: np.ndarray, rng: np.random.Generator, pool: np.ndarray) -> dict[str, torch.Tensor]:
-        x = self.to_tensor(images, "cpu")
+        x = to_tensor(images, "cpu")
         noise = torch.from_numpy(rng.normal(0.0, 0.1, size=x.shape).astype(np.float32))
         return {"x": x, "noisy": x + noise}
 

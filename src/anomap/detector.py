@@ -28,14 +28,15 @@ from anomap.data.dataset import (
 )
 from anomap.data.images import load_image
 from anomap.data.store import ImageStore
+from anomap.data.tensors import TensorBatches, to_tensor
 from anomap.data.transforms import load_stack, resize_maps, resize_u8, to_channels
 from anomap.errors import CheckpointError, ConfigError, ImageError, NotFittedError
-from anomap.fit_images import TensorBatches, load_fit_images
 from anomap.methods.base import Method
 from anomap.metrics.threshold import threshold_at_fpr
 from anomap.registry import get_method_class, saved_config
 from anomap.train.checkpoint import load_checkpoint, save_checkpoint
 from anomap.train.distributed import DistContext, session, threads_per_process
+from anomap.train.fit_images import load_fit_images
 from anomap.train.loop import TrainResult, train
 from anomap.train.runtime import resolve_device, set_threads
 from anomap.types import AnomalyResult, Calibration
@@ -282,7 +283,7 @@ class Detector:
         model = self._require_model()
         model.eval()
         for i in range(0, len(images), batch_size):
-            x = Method.to_tensor(images[i:i + batch_size], self.device)
+            x = to_tensor(images[i:i + batch_size], self.device)
             s, m = (self._compiled or model.predict)(x)
             yield s.float().cpu().numpy(), m.float().cpu().numpy()
 

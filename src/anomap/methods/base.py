@@ -10,7 +10,8 @@ Flow (driven by ``anomap.detector.Detector`` and ``anomap.train.loop``):
 3. For each ``stage`` in ``method.stages(n_fit)``: ``method.set_stage(stage.name)``; the loop draws
    uint8 image batches, calls ``method.make_batch(images, rng, pool)`` (corruption happens here) and
    ``method.training_step(batch, step)`` and steps the stage's optimiser.
-4. ``method.calibrate(heldout)`` may store statistics of held-out normal images (default: nothing).
+4. ``method.calibrate(heldout)`` may store statistics of held-out normal images (default: nothing);
+   ``heldout`` is an :class:`anomap.types.TensorLike` of float images, read slice by slice.
 5. ``method.predict(images)`` returns raw scores (B,) and maps (B, h, w) at the working size.
 """
 
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from anomap.config import MethodConfig
+from anomap.types import TensorLike
 
 
 @dataclass
@@ -117,22 +119,13 @@ class Method(nn.Module):
         raise NotImplementedError
 
     # --- scoring --------------------------------------------------------------------------------
-    def calibrate(self, heldout: Tensor) -> None:
-        """Optional statistics from held-out normal images, float (N, C, H, W) in [0, 1].
+    def calibrate(self, heldout: TensorLike) -> None:
+        """Optional statistics from held-out normal images, float (N, C, H, W) in [0, 1], kept in buffers.
 
-        ``heldout`` is tensor-like (``anomap.detector.TensorBatches``): ``len``, ``.shape`` and slices
-        ``heldout[i:j]`` (float tensors on the model's device), converted batch by batch.
+        ``heldout`` is read slice by slice (``heldout[i:j]`` is a float tensor on the model's device),
+        so a large held-out set is never converted to floats all at once.
         """
 
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Raw image scores (B,) and anomaly maps (B, h, w) for float images (B, C, H, W) in [0, 1]."""
         raise NotImplementedError
-
-    @staticmethod
-    def to_tensor(images: np.ndarray, device: torch.device | str) -> Tensor:
-        """uint8 (B, H, W, C) -> float (B, C, H, W) in [0, 1] on ``device``."""
-        arr = np.ascontiguousarray(images)
-        if not arr.flags.writeable:
-            arr = arr.copy()
-        t = torch.from_numpy(arr).to(device)
-        return t.permute(0, 3, 1, 2).float().div_(255.0)

@@ -30,6 +30,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from anomap.data.corruption import PRESETS, corrupt
+from anomap.data.tensors import to_tensor
 from anomap.methods.base import Method, Stage, cosine_factor, epochs_to_steps
 from anomap.methods.isstad.checkpoint import load_mae_checkpoint
 from anomap.methods.isstad.config import STAGE1, STAGE2, IsstadConfig
@@ -195,7 +196,7 @@ class Isstad(Method):
 
     def _norm(self, images: np.ndarray) -> Tensor:
         """uint8 (B, H, W, C) -> float (B, 3, H, W) in [-1, 1]."""
-        x = self.to_tensor(images, "cpu")
+        x = to_tensor(images, "cpu")
         return (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x).mul(2.0).sub(1.0).contiguous()
 
     def make_batch(self, images: np.ndarray, rng: np.random.Generator, pool: np.ndarray) -> dict[str, Tensor]:
