@@ -28,14 +28,7 @@ import torch
 import anomap.data.tensors
 from anomap.data.tensors import to_tensor
 from anomap.errors import ConfigError
-from anomap.train.distributed import (
-    DistContext,
-    env_context,
-    rank_batch_indices,
-    shard,
-    shard_batch,
-    sync_batchnorm,
-)
+from anomap.train.distributed import DistContext, env_context, shard, shard_batch, sync_batchnorm
 from anomap.train.loop import batch_indices
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +39,16 @@ TOL_FLOAT64 = 1e-9
 
 
 # --- sharding (no processes needed) ------------------------------------------------------------------
+
+
+def rank_batch_indices(n: int, batch_size: int, seed: int, stage_index: int, step: int,
+                       ctx: DistContext) -> np.ndarray:
+    """The image indices this rank trains on at ``step``: its slice of the global ``batch_indices``.
+
+    What the loop gives a rank: it builds the global batch from ``batch_indices`` and keeps the
+    rank's rows (``shard_batch``).
+    """
+    return batch_indices(n, batch_size, seed, stage_index, step)[shard(batch_size, ctx)]
 
 
 @pytest.mark.parametrize(("n", "batch", "world"), [(10, 4, 2), (17, 8, 4), (64, 6, 3), (5, 6, 2), (33, 4, 1)])

@@ -172,18 +172,6 @@ def shard(batch_size: int, ctx: DistContext) -> slice:
     return slice(ctx.rank * per, (ctx.rank + 1) * per)
 
 
-def rank_batch_indices(n: int, batch_size: int, seed: int, stage_index: int, step: int,
-                       ctx: DistContext) -> np.ndarray:
-    """The image indices this rank trains on at ``step``: its slice of the global ``batch_indices``.
-
-    Within an epoch (``n // batch_size`` steps) no index is used twice across all ranks, and every
-    image is used once except the ``n % batch_size`` left over by drop_last.
-    """
-    from anomap.train.loop import batch_indices
-
-    return batch_indices(n, batch_size, seed, stage_index, step)[shard(batch_size, ctx)]
-
-
 def shard_batch(batch: dict[str, Any], batch_size: int, ctx: DistContext) -> dict[str, Any]:
     """Keep this rank's rows of every tensor whose first dimension is the global batch."""
     if not ctx.enabled:
