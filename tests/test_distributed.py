@@ -199,13 +199,13 @@ def _fingerprint(module: torch.nn.Module) -> list[float]:
 def _worker(data: Path, work: Path) -> None:  # pragma: no cover - runs in the torchrun processes
     from anomap.cli import main
     from anomap.config import build_config
-    from anomap.methods.base import Stage, cosine_factor
     from anomap.methods.gtrans import GTrans, GTransConfig
     from anomap.methods.isstad import Isstad
     from anomap.methods.isstad.config import IsstadConfig
     from anomap.train.checkpoint import read_metadata
     from anomap.train.distributed import session
     from anomap.train.loop import train
+    from anomap.train.schedule import Stage, cosine_factor
     from test_train import TinyAE, make_images
 
     class EvenTinyAE(TinyAE):

@@ -15,7 +15,7 @@ from torch import nn
 from anomap.config import MethodConfig
 from anomap.data.tensors import to_tensor
 from anomap.errors import AnomapError, CheckpointError, ConfigError
-from anomap.methods.base import Method, Stage, cosine_factor
+from anomap.methods.base import Method
 from anomap.train.checkpoint import (
     FORMAT_VERSION,
     flatten_optimizer_state,
@@ -26,6 +26,7 @@ from anomap.train.checkpoint import (
 )
 from anomap.train.loop import batch_indices, train
 from anomap.train.runtime import resolve_device, set_threads
+from anomap.train.schedule import Stage, cosine_factor
 
 CPU = torch.device("cpu")
 

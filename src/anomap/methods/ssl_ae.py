@@ -19,10 +19,11 @@ from anomap.config import MethodConfig, check_image_score
 from anomap.data.corruption import PRESETS, corrupt_batch
 from anomap.data.tensors import to_tensor
 from anomap.errors import ConfigError
-from anomap.methods.base import Method, Stage, cosine_factor
+from anomap.methods.base import Method
 from anomap.nn.conv_ae import DilatedConvAE
 from anomap.nn.filters import gaussian_blur, reduce_map
 from anomap.registry import register
+from anomap.train.schedule import Stage, cosine_factor
 
 
 @dataclass

@@ -111,7 +111,7 @@ def content_hash(tensors: dict[str, Tensor], meta_json: str, version: str) -> st
         t = tensors[name].detach().to("cpu").contiguous()
         part(name.encode("utf-8"))
         part(f"{t.dtype}|{tuple(t.shape)}".encode())
-        part(memoryview(t.reshape(-1).view(uint8).numpy()))
+        part(t.reshape(-1).view(uint8).numpy().data)
     return h.hexdigest()
 
 

@@ -34,12 +34,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from anomap.data.tensors import to_tensor
-from anomap.methods.base import Method, Stage, cosine_factor
+from anomap.methods.base import Method
 from anomap.methods.gtrans.config import GTransConfig
 from anomap.nn.efficientnet import Teacher
 from anomap.nn.filters import gaussian_blur, reduce_map
 from anomap.nn.gtrans_student import Student
 from anomap.registry import register
+from anomap.train.schedule import Stage, cosine_factor
 from anomap.types import TensorLike
 
 LOCATION_PRIOR = 5.0  # map_norm=location: the held-out mean at a location is shrunk toward the scale's mean

@@ -31,12 +31,13 @@ from torch import Tensor, nn
 
 from anomap.data.corruption import PRESETS, corrupt
 from anomap.data.tensors import to_tensor
-from anomap.methods.base import Method, Stage, cosine_factor, epochs_to_steps
+from anomap.methods.base import Method
 from anomap.methods.isstad.checkpoint import load_mae_checkpoint
 from anomap.methods.isstad.config import STAGE1, STAGE2, IsstadConfig
 from anomap.nn.filters import gaussian_blur, gaussian_kernel1d, reduce_map
 from anomap.nn.vit import MaeDecoder, ViTEncoder, patchify, unpatchify
 from anomap.registry import register
+from anomap.train.schedule import Stage, cosine_factor, epochs_to_steps
 
 log = logging.getLogger(__name__)
 
