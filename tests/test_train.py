@@ -159,6 +159,17 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path):
     assert res.steps == res.planned
 
 
+def test_resume_compares_the_config_stored_in_the_checkpoint_as_it_is(tmp_path: Path):
+    """A config key the checkpoint lacks (added to the config since) counts as changed: no migration."""
+    ckpt = tmp_path / "t.safetensors"
+    run(new_model(), ckpt_path=ckpt, extra_meta={"method": "tiny", "config": {"image_size": 16}})
+    with pytest.raises(CheckpointError, match=r"different config \(width\)\. Fix: delete the checkpoint"):
+        run(new_model(), ckpt_path=ckpt, resume=True, extra_meta={"method": "tiny", "config": {"image_size": 16,
+                                                                                                "width": 8}})
+    with pytest.raises(CheckpointError, match=r"different config \(image_size\).*--set image_size=16"):
+        run(new_model(), ckpt_path=ckpt, resume=True, extra_meta={"method": "tiny", "config": {"image_size": 32}})
+
+
 def test_time_budget_stops_early_and_resume_continues(tmp_path: Path):
     ckpt = tmp_path / "t.safetensors"
     model = new_model(steps=(400,))
