@@ -1,13 +1,14 @@
 """Schedule planning: stages, learning-rate factors, step counts, and fitting them into a time budget.
 
-Everything that decides how many optimiser steps a run takes lives here:
+Everything that plans how many optimiser steps a run takes lives here (the loop's own stops at
+``max_steps`` and at the end of the time budget are backstops):
 
-* A method describes its training as :class:`Stage` s; :func:`epochs_to_steps` and
+* A method describes its training as a list of :class:`Stage`; :func:`epochs_to_steps` and
   :func:`schedule_steps` turn epochs into steps (capped by ``max_steps`` for tiny runs) and
   :func:`cosine_factor` gives the usual warm-up + cosine learning-rate factor.
 * Time budget, planned ahead (``max_train_seconds``): from an assumed training speed
   (``est_images_per_s`` of the method's config) :func:`budget_steps` caps a one-stage schedule and
-  :func:`share_budget` the stages of a multi-stage one, so that the schedule, learning-rate decay
+  :func:`share_budget` the stages of a two-stage one, so that the schedule, learning-rate decay
   included, ends inside :data:`MARGIN` of the budget.
 * Time budget, measured (re-planning): on a slower or busier machine the planned schedule would be
   stopped by the budget with the learning rate still high. The training loop therefore times the
