@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablate import heldout_files, heldout_stack  # a sibling script
 
 from anomap.data.dataset import train_images
+from anomap.data.tensors import to_tensor
 from anomap.data.transforms import load_stack
 
 BATCH = 16
@@ -53,7 +54,7 @@ def heldout_loss(det: anomap.Detector, data: str, fit_images: bool = False) -> d
     sums = np.zeros((2, len(m.scales)))  # per-image mean distance summed over images: token, feature heads
     with torch.no_grad():
         for i in range(0, len(imgs), BATCH):
-            targets, feat_preds, tok_preds = m._forward(m.to_tensor(imgs[i:i + BATCH], det.device))
+            targets, feat_preds, tok_preds = m._forward(to_tensor(imgs[i:i + BATCH], det.device))
             for h, preds in enumerate((tok_preds, feat_preds)):
                 sums[h] += [float(m.distance(t, p).mean(dim=(1, 2)).sum()) for t, p in zip(targets, preds, strict=True)]
     tok, feat = sums / len(imgs)

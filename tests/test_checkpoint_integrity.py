@@ -1,4 +1,4 @@
-"""Checkpoint integrity: content hash, truncated/tampered files, legacy files, and no code execution on load."""
+"""Checkpoint integrity: content hash, truncated/tampered/unhashed files, and no code execution on load."""
 
 from __future__ import annotations
 
@@ -17,12 +17,7 @@ from anomap import cli
 from anomap.errors import CheckpointError
 from anomap.registry import get_method_class
 from anomap.train import checkpoint as ckpt_mod
-from anomap.train.checkpoint import (
-    FORMAT_VERSION,
-    UnverifiedCheckpointWarning,
-    load_checkpoint,
-    save_checkpoint,
-)
+from anomap.train.checkpoint import FORMAT_VERSION, load_checkpoint, read_metadata, save_checkpoint
 
 
 def _split(path: Path) -> tuple[dict, bytes]:
@@ -104,13 +99,15 @@ def test_truncated_files_are_rejected(saved, keep) -> None:
     _rejects(saved, "truncated")
 
 
-def test_legacy_unhashed_file_loads_with_a_warning(tmp_path) -> None:
+@pytest.mark.parametrize("version", ["1", None])
+def test_a_file_from_before_the_hash_is_refused_with_the_fix(tmp_path, version) -> None:
     legacy = tmp_path / "old.safetensors"
-    save_file({"w": torch.ones(2)}, str(legacy), metadata={"anomap": json.dumps({"v": 1}), "format_version": "1"})
-    with pytest.warns(UnverifiedCheckpointWarning, match="before anomap stored content hashes.*without an "
-                                                         "integrity check"):
-        tensors, meta = load_checkpoint(legacy)
-    assert meta == {"v": 1} and torch.equal(tensors["w"], torch.ones(2))
+    header = {"anomap": json.dumps({"v": 1}), **({"format_version": version} if version else {})}
+    save_file({"w": torch.ones(2)}, str(legacy), metadata=header)
+    msg = _rejects(legacy, f"without a content hash (file format {version or 0}); this anomap reads format 2 only")
+    assert "Fix: re-train it" in msg and "anomap.load(path).save(path)" in msg
+    with pytest.raises(CheckpointError, match="without a content hash"):
+        read_metadata(legacy)
 
 
 def _model_file(tmp_path: Path, tiny_cfg: dict) -> Path:
@@ -135,21 +132,20 @@ def test_tampered_model_is_rejected_by_load_and_the_cli(tmp_path, tiny_cfg, caps
     assert err.count("\n") == 0 and str(path) in err and "content hash mismatch" in err
 
 
-def test_cli_prints_the_legacy_warning_once_as_one_line(tmp_path, tiny_cfg, capsys) -> None:
+def test_a_model_from_before_the_hash_is_refused_by_load_and_the_cli(tmp_path, tiny_cfg, capsys) -> None:
     path = _model_file(tmp_path, tiny_cfg)
     header, data = _split(path)
     del header["__metadata__"]["sha256"]
     header["__metadata__"]["format_version"] = "1"
     _join(path, header, data)
+    with pytest.raises(CheckpointError, match="without a content hash"):
+        anomap.load(path)
     img = tmp_path / "x.png"
-    img.write_bytes(b"")  # not an image: skipped after the model has loaded
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        cli.main(["predict", "--model", str(path), str(img)])
-    lines = capsys.readouterr().err.strip().splitlines()
-    said = [ln for ln in lines if "before anomap stored content hashes" in ln]
-    assert len(said) == 1 and said[0].startswith(f"anomap: warning: {path}: written before"), lines
-    assert any(ln.startswith(f"anomap: skipped {img}") for ln in lines), lines
+    img.write_bytes(b"")
+    assert cli.main(["predict", "--model", str(path), str(img)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"anomap: error: {path}: written by a development version"), err
+    assert "Fix: re-train it" in err
 
 
 def test_loading_never_unpickles(tmp_path, tiny_cfg, monkeypatch) -> None:

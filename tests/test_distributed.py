@@ -25,16 +25,10 @@ import numpy as np
 import pytest
 import torch
 
+import anomap.data.tensors
+from anomap.data.tensors import to_tensor
 from anomap.errors import ConfigError
-from anomap.methods.base import Method
-from anomap.train.distributed import (
-    DistContext,
-    env_context,
-    rank_batch_indices,
-    shard,
-    shard_batch,
-    sync_batchnorm,
-)
+from anomap.train.distributed import DistContext, env_context, shard, shard_batch, sync_batchnorm
 from anomap.train.loop import batch_indices
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +39,16 @@ TOL_FLOAT64 = 1e-9
 
 
 # --- sharding (no processes needed) ------------------------------------------------------------------
+
+
+def rank_batch_indices(n: int, batch_size: int, seed: int, stage_index: int, step: int,
+                       ctx: DistContext) -> np.ndarray:
+    """The image indices this rank trains on at ``step``: its slice of the global ``batch_indices``.
+
+    What the loop gives a rank: it builds the global batch from ``batch_indices`` and keeps the
+    rank's rows (``shard_batch``).
+    """
+    return batch_indices(n, batch_size, seed, stage_index, step)[shard(batch_size, ctx)]
 
 
 @pytest.mark.parametrize(("n", "batch", "world"), [(10, 4, 2), (17, 8, 4), (64, 6, 3), (5, 6, 2), (33, 4, 1)])
@@ -75,11 +79,11 @@ def test_a_rank_trains_its_slice_of_the_global_batch():
     """The loop makes the global batch and keeps the rank's rows: those are rank_batch_indices' images."""
     images = np.random.default_rng(0).integers(0, 256, (11, 4, 4, 3), dtype=np.uint8)
     idx = batch_indices(11, 4, 0, 0, 3)
-    full = {"image": Method.to_tensor(images[idx], "cpu"), "scale": torch.ones(1), "tag": "x"}
+    full = {"image": to_tensor(images[idx], "cpu"), "scale": torch.ones(1), "tag": "x"}
     for r in range(2):
         ctx = DistContext(r, 2)
         part = shard_batch(full, 4, ctx)
-        assert torch.equal(part["image"], Method.to_tensor(images[rank_batch_indices(11, 4, 0, 0, 3, ctx)], "cpu"))
+        assert torch.equal(part["image"], to_tensor(images[rank_batch_indices(11, 4, 0, 0, 3, ctx)], "cpu"))
         assert part["scale"] is full["scale"] and part["tag"] == "x"
 
 
@@ -122,14 +126,21 @@ def test_python_dash_m_anomap_runs_the_cli():
 
 @contextlib.contextmanager
 def float64_training():
-    """Train in float64: images become float64 tensors and new modules float64 (see the module docstring)."""
-    original, dtype = Method.__dict__["to_tensor"], torch.get_default_dtype()
+    """Train in float64: images become float64 tensors and new modules float64 (see the module docstring).
+
+    ``to_tensor`` is replaced in every anomap module that imported it.
+    """
+    original, dtype = anomap.data.tensors.to_tensor, torch.get_default_dtype()
+    users = [m for name, m in list(sys.modules.items())
+             if name.startswith("anomap.") and getattr(m, "to_tensor", None) is original]
     torch.set_default_dtype(torch.float64)
-    Method.to_tensor = staticmethod(lambda images, device: original.__func__(images, device).double())
+    for m in users:
+        m.to_tensor = lambda images, device: original(images, device).double()
     try:
         yield
     finally:
-        Method.to_tensor = original
+        for m in users:
+            m.to_tensor = original
         torch.set_default_dtype(dtype)
 
 
@@ -188,13 +199,13 @@ def _fingerprint(module: torch.nn.Module) -> list[float]:
 def _worker(data: Path, work: Path) -> None:  # pragma: no cover - runs in the torchrun processes
     from anomap.cli import main
     from anomap.config import build_config
-    from anomap.methods.base import Stage, cosine_factor
     from anomap.methods.gtrans import GTrans, GTransConfig
     from anomap.methods.isstad import Isstad
     from anomap.methods.isstad.config import IsstadConfig
     from anomap.train.checkpoint import read_metadata
     from anomap.train.distributed import session
     from anomap.train.loop import train
+    from anomap.train.schedule import Stage, cosine_factor
     from test_train import TinyAE, make_images
 
     class EvenTinyAE(TinyAE):

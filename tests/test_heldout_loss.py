@@ -11,6 +11,7 @@ from PIL import Image
 
 import anomap
 from anomap.data.dataset import train_images
+from anomap.data.tensors import to_tensor
 from anomap.data.transforms import load_stack
 from test_gtrans import TINY
 
@@ -28,7 +29,7 @@ def test_heldout_loss_is_the_training_loss_on_the_heldout_images(tiny_category, 
     out = json.loads(capsys.readouterr().out)
     names = set(det.info["heldout_files"])
     held = sorted(p for p in train_images(tiny_category) if p.name in names)
-    x = det.model.to_tensor(load_stack(held, 64, int(det.channels)), "cpu")
+    x = to_tensor(load_stack(held, 64, int(det.channels)), "cpu")
     det.model.eval()
     det.model.config.hard_fraction = 0.0  # the criterion is the plain mean over locations, whatever the training used
     with torch.no_grad():
@@ -56,7 +57,7 @@ def test_fit_images_measures_the_images_it_was_trained_on(tiny_category, tmp_pat
     out = json.loads(capsys.readouterr().out)
     names = set(det.info["heldout_files"])
     fit = sorted(p for p in train_images(tiny_category) if p.name not in names)
-    x = det.model.to_tensor(load_stack(fit, 64, int(det.channels)), "cpu")
+    x = to_tensor(load_stack(fit, 64, int(det.channels)), "cpu")
     det.model.eval()
     det.model.config.hard_fraction = 0.0
     with torch.no_grad():

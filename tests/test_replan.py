@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-import anomap.train.loop as loop_mod
-import anomap.train.replan as replan_mod
-from anomap.methods.base import cosine_factor
+import anomap.train.schedule as schedule_mod
+import anomap.train.state as state_mod
 from anomap.train.checkpoint import read_metadata
-from anomap.train.replan import compressed, probe_steps, shortened_total
+from anomap.train.schedule import compressed, cosine_factor, probe_steps, shortened_total
 from test_train import assert_same_weights, new_model, run
 
 
@@ -24,8 +23,8 @@ def clock(monkeypatch):
     """A clock that only moves when a training step runs (1 s per step)."""
     c = types.SimpleNamespace(t=1000.0)
     fake = types.SimpleNamespace(monotonic=lambda: c.t)
-    monkeypatch.setattr(loop_mod, "time", fake)
-    monkeypatch.setattr(replan_mod, "time", fake)
+    monkeypatch.setattr(state_mod, "time", fake)
+    monkeypatch.setattr(schedule_mod, "time", fake)
     return c
 
 

@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from anomap.config import MethodConfig
+from anomap.data.tensors import to_tensor
 from anomap.errors import AnomapError, CheckpointError, ConfigError
-from anomap.methods.base import Method, Stage, cosine_factor
+from anomap.methods.base import Method
 from anomap.train.checkpoint import (
     FORMAT_VERSION,
     flatten_optimizer_state,
@@ -25,6 +26,7 @@ from anomap.train.checkpoint import (
 )
 from anomap.train.loop import batch_indices, train
 from anomap.train.runtime import resolve_device, set_threads
+from anomap.train.schedule import Stage, cosine_factor
 
 CPU = torch.device("cpu")
 
@@ -57,7 +59,7 @@ class TinyAE(Method):
         self.enc.requires_grad_(name == "ae")
 
     def make_batch(self, images: np.ndarray, rng: np.random.Generator, pool: np.ndarray) -> dict[str, torch.Tensor]:
-        x = self.to_tensor(images, "cpu")
+        x = to_tensor(images, "cpu")
         noise = torch.from_numpy(rng.normal(0.0, 0.1, size=x.shape).astype(np.float32))
         return {"x": x, "noisy": x + noise}
 
@@ -155,6 +157,17 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path: Path):
     # a runtime-only key such as the device may change
     res = run(new_model(), ckpt_path=ckpt, resume=True, extra_meta={"config": {"image_size": 16, "device": "x"}})
     assert res.steps == res.planned
+
+
+def test_resume_compares_the_config_stored_in_the_checkpoint_as_it_is(tmp_path: Path):
+    """A config key the checkpoint lacks (added to the config since) counts as changed: no migration."""
+    ckpt = tmp_path / "t.safetensors"
+    run(new_model(), ckpt_path=ckpt, extra_meta={"method": "tiny", "config": {"image_size": 16}})
+    with pytest.raises(CheckpointError, match=r"different config \(width\)\. Fix: delete the checkpoint"):
+        run(new_model(), ckpt_path=ckpt, resume=True, extra_meta={"method": "tiny", "config": {"image_size": 16,
+                                                                                                "width": 8}})
+    with pytest.raises(CheckpointError, match=r"different config \(image_size\).*--set image_size=16"):
+        run(new_model(), ckpt_path=ckpt, resume=True, extra_meta={"method": "tiny", "config": {"image_size": 32}})
 
 
 def test_time_budget_stops_early_and_resume_continues(tmp_path: Path):

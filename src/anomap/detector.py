@@ -26,15 +26,16 @@ from anomap.data.dataset import (
     train_images,
 )
 from anomap.data.store import ImageStore
+from anomap.data.tensors import TensorBatches, to_tensor
 from anomap.data.transforms import load_stack
 from anomap.errors import CheckpointError, ConfigError, NotFittedError
-from anomap.fit_images import TensorBatches, load_fit_images
 from anomap.inference import ImageInput, Scored, prepare_image, score_images, u8_batch
 from anomap.methods.base import Method
 from anomap.metrics.threshold import threshold_at_fpr
 from anomap.registry import get_method_class
 from anomap.train.checkpoint import load_checkpoint, save_checkpoint
 from anomap.train.distributed import DistContext, session, threads_per_process
+from anomap.train.fit_images import load_fit_images
 from anomap.train.loop import TrainResult, train
 from anomap.train.runtime import resolve_device, set_threads
 from anomap.types import AnomalyResult, Calibration
@@ -285,7 +286,7 @@ class Detector:
         model = self.require_model()
         model.eval()
         for i in range(0, len(images), batch_size):
-            x = Method.to_tensor(images[i:i + batch_size], self.device)
+            x = to_tensor(images[i:i + batch_size], self.device)
             s, m = (self._compiled or model.predict)(x)
             yield s.float().cpu().numpy(), m.float().cpu().numpy()
 

@@ -37,10 +37,3 @@ def list_methods() -> list[str]:
     """Names of all registered methods, sorted."""
     return sorted(_REGISTRY)
 
-
-def saved_config(meta: dict[str, Any]) -> dict[str, Any]:
-    """The config values stored in a file's metadata, as written (no migration of older files).
-
-    Only ``train/resume.py`` still calls this; delete it once that reads ``meta["config"]`` itself.
-    """
-    return dict(meta.get("config") or {})

@@ -1,12 +1,32 @@
-"""Small shared types: results, splits and dataset samples, and the protocols at the main seams."""
+"""Small shared types: results, splits and dataset samples, the tensor-like images methods calibrate on,
+and the protocols at the main seams."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+class TensorLike(Protocol):
+    """Float images (N, C, H, W) in [0, 1] that are read slice by slice, like a tensor.
+
+    ``len(x)`` is N, ``x.shape`` is (N, C, H, W) and ``x[i:j]`` is a float tensor of those images. A
+    ``Tensor`` is one; so is :class:`anomap.data.tensors.TensorBatches`, which converts uint8 images
+    batch by batch instead of holding all of them as floats.
+    """
+
+    def __len__(self) -> int: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, key: slice) -> Tensor: ...
 
 
 @dataclass

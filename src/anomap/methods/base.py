@@ -1,72 +1,47 @@
 """The Method contract every anomaly detection method implements.
 
-A Method is a pure ``torch.nn.Module`` plus the training/scoring logic of one published method.
-Data loading, splits, the training loop, checkpoints and calibration live elsewhere and are shared.
+A Method is a ``torch.nn.Module`` plus the training and scoring logic of one published method. Data
+loading, splits, the training loop, checkpoints, calibration of the threshold and persistence live
+elsewhere and are shared. A Method satisfies :class:`anomap.train.trainable.Trainable`, the part of
+this contract the training loop uses.
 
-Flow (driven by ``anomap.detector.Detector`` and ``anomap.train.loop``):
+The hooks, in the order ``anomap.detector.Detector`` and :func:`anomap.train.loop.train` call them:
 
-1. ``method = MethodClass(config, channels)`` builds the networks.
-2. ``method.prepare_fit(fit_images)`` may compute statistics of the fit images (default: nothing).
-3. For each ``stage`` in ``method.stages(n_fit)``: ``method.set_stage(stage.name)``; the loop draws
-   uint8 image batches, calls ``method.make_batch(images, rng, pool)`` (corruption happens here) and
-   ``method.training_step(batch, step)`` and steps the stage's optimiser.
-4. ``method.calibrate(heldout)`` may store statistics of held-out normal images (default: nothing).
-5. ``method.predict(images)`` returns raw scores (B,) and maps (B, h, w) at the working size.
+1. ``MethodClass(config, channels)`` builds the networks (``channels``: 1 or 3, of the images).
+2. ``prepare_fit(fit_images)``: optional statistics of the fit images, uint8 (N, H, W, C) at the working
+   size (a numpy array or a disk-backed :class:`anomap.data.store.ImageStore`). Default: nothing.
+3. ``stages(n_fit)`` -> list of :class:`anomap.train.schedule.Stage`. For each stage the loop calls
+   ``set_stage(name)``, builds the stage's optimiser and runs its steps: it draws uint8 images
+   (B, H, W, C), calls ``make_batch(images, rng, pool)`` -> dict of tensors (corruption happens here;
+   ``rng`` is the run's numpy Generator) and ``training_step(batch, step)`` -> ``{"loss": scalar, ...}``,
+   and steps the optimiser. Required.
+4. ``calibrate(heldout)``: optional statistics of held-out normal images. ``heldout`` is a
+   :class:`anomap.types.TensorLike` of float images (N, C, H, W) in [0, 1]: ``len``, ``.shape`` and
+   slices ``heldout[i:j]`` that are float tensors on the model's device. Returns nothing; what it
+   learns goes into buffers, so it is saved with the weights. Default: nothing.
+5. ``predict(images)``: float images (B, C, H, W) in [0, 1] -> (raw scores (B,), anomaly maps (B, h, w))
+   at the working size; higher is more anomalous. Required. The detector resizes the maps to the
+   input images and compares the scores with the threshold it calibrated on held-out scores.
+
+Schedules come from :mod:`anomap.train.schedule`; :meth:`Method.schedule_steps` and
+:meth:`Method.budget_steps` apply it with the method's own ``max_steps`` and ``max_train_seconds``.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-import torch
 from torch import Tensor, nn
 
 from anomap.config import MethodConfig
-
-
-@dataclass
-class Stage:
-    """One phase of training (ssl_ae has one, ISSTAD two).
-
-    Attributes:
-        name: shown in the progress bar and stored in checkpoints.
-        steps: optimiser steps in this stage.
-        batch_size: images per step.
-        make_optimizer: builds the optimiser for this stage's trainable parameters.
-        lr_factor: multiplier of the base learning rate at a step (0-based) of this stage.
-    """
-
-    name: str
-    steps: int
-    batch_size: int
-    make_optimizer: Callable[[], torch.optim.Optimizer]
-    lr_factor: Callable[[int], float]
-
-
-def cosine_factor(total: int, warmup: int = 0, final: float = 0.0) -> Callable[[int], float]:
-    """Linear warm-up for ``warmup`` steps, then half a cosine from 1 to ``final`` at ``total``."""
-
-    def f(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total - warmup)
-        t = min(max(t, 0.0), 1.0)
-        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-    return f
-
-
-def epochs_to_steps(epochs: int, n_images: int, batch_size: int) -> int:
-    """Steps for ``epochs`` passes over ``n_images`` (at least one step)."""
-    return max(1, math.ceil(epochs * n_images / batch_size))
+from anomap.train import schedule
+from anomap.train.schedule import Stage
+from anomap.types import TensorLike
 
 
 class Method(nn.Module):
-    """Base class; see the module docstring for the flow."""
+    """Base class; see the module docstring for the hooks and what they take and return."""
 
     name: ClassVar[str] = "base"
     Config: ClassVar[type[MethodConfig]] = MethodConfig
@@ -82,21 +57,15 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def schedule_steps(self, epochs: int, n_fit: int, batch_size: int, min_steps: int = 0) -> int:
-        """Steps of a one-stage schedule: ``epochs`` over ``n_fit`` images, at least ``min_steps``,
-        at most ``config.max_steps`` when that is set (tiny runs)."""
-        steps = max(epochs_to_steps(epochs, n_fit, batch_size), min_steps)
-        return min(steps, self.config.max_steps) if self.config.max_steps > 0 else steps
+        """Steps of a one-stage schedule (:func:`anomap.train.schedule.schedule_steps`): ``epochs`` over
+        ``n_fit`` images, at least ``min_steps``, at most ``config.max_steps`` when that is set."""
+        return schedule.schedule_steps(epochs, n_fit, batch_size, min_steps, self.config.max_steps)
 
     def budget_steps(self, steps: int, batch_size: int, images_per_s: float) -> int:
-        """Cap a schedule so that it ends within ``config.max_train_seconds`` at the estimated throughput.
-
-        Planning the schedule from the budget (rather than stopping it) lets the learning rate decay
-        fully; on a machine slower than the estimate the loop shortens the last stage (:mod:`anomap.train.replan`).
-        """
-        budget = self.config.max_train_seconds
-        if budget <= 0:
-            return steps
-        return max(1, min(steps, int(0.95 * budget * images_per_s / batch_size)))
+        """Cap a schedule so that it ends within ``config.max_train_seconds`` at the estimated throughput
+        (:func:`anomap.train.schedule.budget_steps`); on a machine slower than the estimate the loop
+        shortens the last stage."""
+        return schedule.budget_steps(steps, batch_size, images_per_s, self.config.max_train_seconds)
 
     def set_stage(self, name: str) -> None:
         """Called by the loop before a stage starts (freeze/unfreeze parts here)."""
@@ -113,26 +82,17 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
-        """Return at least {"loss": scalar tensor}; other entries are logged."""
+        """Return at least {"loss": scalar tensor}; other scalar entries are logged."""
         raise NotImplementedError
 
     # --- scoring --------------------------------------------------------------------------------
-    def calibrate(self, heldout: Tensor) -> None:
-        """Optional statistics from held-out normal images, float (N, C, H, W) in [0, 1].
+    def calibrate(self, heldout: TensorLike) -> None:
+        """Optional statistics from held-out normal images, float (N, C, H, W) in [0, 1], kept in buffers.
 
-        ``heldout`` is tensor-like (``anomap.detector.TensorBatches``): ``len``, ``.shape`` and slices
-        ``heldout[i:j]`` (float tensors on the model's device), converted batch by batch.
+        ``heldout`` is read slice by slice (``heldout[i:j]`` is a float tensor on the model's device),
+        so a large held-out set is never converted to floats all at once.
         """
 
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Raw image scores (B,) and anomaly maps (B, h, w) for float images (B, C, H, W) in [0, 1]."""
         raise NotImplementedError
-
-    @staticmethod
-    def to_tensor(images: np.ndarray, device: torch.device | str) -> Tensor:
-        """uint8 (B, H, W, C) -> float (B, C, H, W) in [0, 1] on ``device``."""
-        arr = np.ascontiguousarray(images)
-        if not arr.flags.writeable:
-            arr = arr.copy()
-        t = torch.from_numpy(arr).to(device)
-        return t.permute(0, 3, 1, 2).float().div_(255.0)

@@ -17,11 +17,13 @@ from torch import Tensor
 
 from anomap.config import MethodConfig, check_image_score
 from anomap.data.corruption import PRESETS, corrupt_batch
+from anomap.data.tensors import to_tensor
 from anomap.errors import ConfigError
-from anomap.methods.base import Method, Stage, cosine_factor
+from anomap.methods.base import Method
 from anomap.nn.conv_ae import DilatedConvAE
 from anomap.nn.filters import gaussian_blur, reduce_map
 from anomap.registry import register
+from anomap.train.schedule import Stage, cosine_factor
 
 
 @dataclass
@@ -106,11 +108,11 @@ class SslAe(Method):
 
     def make_batch(self, images: np.ndarray, rng: np.random.Generator, pool: np.ndarray) -> dict[str, Tensor]:
         corrupted, masks = corrupt_batch(images, rng, self.corruption, pool=pool)
-        x_in = self.to_tensor(corrupted, "cpu")
+        x_in = to_tensor(corrupted, "cpu")
         if self.config.input_noise_std > 0:
             noise = rng.standard_normal(x_in.shape).astype(np.float32) * self.config.input_noise_std
             x_in = (x_in + torch.from_numpy(noise)).clamp_(0, 1)
-        return {"input": x_in, "target": self.to_tensor(images, "cpu"), "mask": torch.from_numpy(masks)}
+        return {"input": x_in, "target": to_tensor(images, "cpu"), "mask": torch.from_numpy(masks)}
 
     def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         out = self.net(batch["input"])

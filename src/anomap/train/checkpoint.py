@@ -4,7 +4,7 @@ A checkpoint is one ``.safetensors`` file. Its header metadata holds three strin
 
 * ``"anomap"``: the caller's metadata dict as JSON;
 * ``"format_version"``: the integer :data:`FORMAT_VERSION` as a string;
-* ``"sha256"``: :func:`content_hash` of the tensors and the two entries above (format 2 on).
+* ``"sha256"``: :func:`content_hash` of the tensors and the two entries above.
 
 Writes are atomic: a temp file in the target's directory is written, fsync'ed and renamed over the
 target, so a crash mid-write leaves the previous checkpoint intact.
@@ -12,8 +12,9 @@ target, so a crash mid-write leaves the previous checkpoint intact.
 Integrity: :func:`load_checkpoint` recomputes the hash and rejects a file whose tensors or metadata
 changed after it was written (a flipped bit, an edit, a partial copy) with a :class:`CheckpointError`
 naming the file. The hash detects damage and careless edits; it is not a signature (whoever can
-write the file can recompute it). Files of format 1 (before the hash existed) still load, with an
-:class:`UnverifiedCheckpointWarning`; a format-2 file without a hash is rejected.
+write the file can recompute it). Format 2 is the first released one: files of format 1 (written
+before the hash existed, by development versions of anomap 0.1.0) are refused, as is a format-2 file
+without a hash.
 
 Loading never executes code from the file: only ``safetensors`` (raw tensor bytes) and ``json`` read
 it; nothing here imports ``pickle`` or calls ``torch.load``.
@@ -27,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,7 @@ from torch import Tensor, uint8
 from anomap.errors import CheckpointError
 from anomap.fileio import atomic_write_bytes
 
-FORMAT_VERSION = 2  # 2: adds the "sha256" content hash; 1 still loads, unverified, with a warning
-_FIRST_HASHED_VERSION = 2
+FORMAT_VERSION = 2  # 2: adds the "sha256" content hash; the first released format, the oldest one read
 
 _META_KEY = "anomap"
 _VERSION_KEY = "format_version"
@@ -48,10 +47,8 @@ _HASH_KEY = "sha256"
 _HASH_DOMAIN = b"anomap-checkpoint-sha256\0"
 _FIX_TAMPERED = ("the file was changed or damaged after anomap wrote it: use an intact copy or retrain "
                  "(for a .partial training checkpoint, delete it or drop --resume)")
-
-
-class UnverifiedCheckpointWarning(UserWarning):
-    """A checkpoint written before content hashes existed (format 1) was loaded without verification."""
+_FIX_UNHASHED = ("re-train it; or re-save it (anomap.load(path).save(path)) with a development version of "
+                 "anomap that writes format 2; for a .partial training checkpoint, delete it or drop --resume")
 _NOT_READABLE = "not a readable anomap checkpoint (truncated or not a safetensors file)"
 _FIX_REWRITE = ("use an intact model file (re-save or copy it again); for a .partial training checkpoint, "
                 "delete it or drop --resume to train from scratch")
@@ -111,7 +108,7 @@ def content_hash(tensors: dict[str, Tensor], meta_json: str, version: str) -> st
         t = tensors[name].detach().to("cpu").contiguous()
         part(name.encode("utf-8"))
         part(f"{t.dtype}|{tuple(t.shape)}".encode())
-        part(memoryview(t.reshape(-1).view(uint8).numpy()))
+        part(t.reshape(-1).view(uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -182,6 +179,13 @@ def _header(path: Path) -> dict[str, str]:
             path=path,
             fix="pip install --upgrade anomap",
         )
+    if version < FORMAT_VERSION:
+        raise CheckpointError(
+            f"written by a development version of anomap without a content hash (file format {version}); "
+            f"this anomap reads format {FORMAT_VERSION} only.",
+            path=path,
+            fix=_FIX_UNHASHED,
+        )
     return header
 
 
@@ -210,10 +214,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
 
     Raises:
         CheckpointError: the file is missing, truncated, not safetensors, not an anomap checkpoint,
-            written by a newer format version, or its content hash does not match.
-
-    Warns:
-        UnverifiedCheckpointWarning: a format-1 file (no hash) was loaded without verification.
+            of another format version (a newer one, or format 1 without a content hash), or its
+            content hash is missing or does not match.
     """
     path = Path(path)
     header = _header(path)
@@ -227,17 +229,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
 
 
 def _verify(path: Path, header: dict[str, str], tensors: dict[str, Tensor]) -> None:
-    """Check the stored content hash; accept an unhashed format-1 file with a warning."""
+    """Check the stored content hash (every file of the formats :func:`_header` lets through has one)."""
     stored = header.get(_HASH_KEY)
-    version = header.get(_VERSION_KEY, "0")
+    version = header[_VERSION_KEY]
     if stored is None:
-        if int(version) >= _FIRST_HASHED_VERSION:
-            raise CheckpointError("has no content hash although its format requires one.",
-                                  path=path, fix=_FIX_TAMPERED)
-        msg = (f"{path}: written before anomap stored content hashes (format {version}); loaded without "
-               "an integrity check. Re-save it (anomap.load(...).save(...)) to add one.")
-        warnings.warn(msg, UnverifiedCheckpointWarning, stacklevel=3)
-        return
+        raise CheckpointError("has no content hash although its format requires one.", path=path, fix=_FIX_TAMPERED)
     if content_hash(tensors, header[_META_KEY], version) != stored:
         raise CheckpointError("content hash mismatch: tensors or metadata differ from what was written.",
                               path=path, fix=_FIX_TAMPERED)

@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from anomap.errors import AnomapError, ConfigError
+
+if TYPE_CHECKING:
+    from anomap.train.trainable import Trainable
 
 log = logging.getLogger(__name__)
 
@@ -172,18 +175,6 @@ def shard(batch_size: int, ctx: DistContext) -> slice:
     return slice(ctx.rank * per, (ctx.rank + 1) * per)
 
 
-def rank_batch_indices(n: int, batch_size: int, seed: int, stage_index: int, step: int,
-                       ctx: DistContext) -> np.ndarray:
-    """The image indices this rank trains on at ``step``: its slice of the global ``batch_indices``.
-
-    Within an epoch (``n // batch_size`` steps) no index is used twice across all ranks, and every
-    image is used once except the ``n % batch_size`` left over by drop_last.
-    """
-    from anomap.train.loop import batch_indices
-
-    return batch_indices(n, batch_size, seed, stage_index, step)[shard(batch_size, ctx)]
-
-
 def shard_batch(batch: dict[str, Any], batch_size: int, ctx: DistContext) -> dict[str, Any]:
     """Keep this rank's rows of every tensor whose first dimension is the global batch."""
     if not ctx.enabled:
@@ -253,7 +244,9 @@ def run_on_main(fn: Callable[[], Any], ctx: DistContext) -> Any:
 class _TrainingStep(nn.Module):
     """Makes ``method.training_step`` the ``forward`` that DDP runs (its hooks need a forward call)."""
 
-    def __init__(self, method: nn.Module):
+    method: Trainable  # an nn.Module: registered as this module's child, so DDP sees its parameters
+
+    def __init__(self, method: Trainable):
         super().__init__()
         self.method = method
 
@@ -262,7 +255,7 @@ class _TrainingStep(nn.Module):
 
 
 @contextlib.contextmanager
-def data_parallel(method: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext,
+def data_parallel(method: Trainable, optimizer: torch.optim.Optimizer, ctx: DistContext,
                   device: torch.device) -> Iterator[Callable[[dict[str, Tensor], int], dict[str, Tensor]]]:
     """A ``training_step`` whose gradients are averaged over ranks, for one stage.
 
@@ -312,8 +305,8 @@ class _GlobalBatchNorm:
     """Mixin forward for BatchNorm1d/2d/3d: statistics over the global batch when training distributed.
 
     Two reductions (mean, then the centred second moment; summed in float64 on CPU) keep the
-    precision of the one-process layer; running statistics are updated as ``nn.BatchNorm`` does. In eval mode, or outside a process
-    group, it is the plain layer.
+    precision of the one-process layer; running statistics are updated as ``nn.BatchNorm`` does. In eval
+    mode, or outside a process group, it is the plain layer.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -339,12 +332,14 @@ class _GlobalBatchNorm:
         return y
 
 
-_GLOBAL_BN = {cls: type(f"Global{cls.__name__}", (_GlobalBatchNorm, cls), {})
-              for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)}
+_GLOBAL_BN: dict[type[nn.Module], type[nn.Module]] = {
+    cls: type(f"Global{cls.__name__}", (_GlobalBatchNorm, cls), {})
+    for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+}
 
 
 @contextlib.contextmanager
-def sync_batchnorm(module: nn.Module, ctx: DistContext) -> Iterator[int]:
+def sync_batchnorm(module: nn.Module | Trainable, ctx: DistContext) -> Iterator[int]:
     """Make the BatchNorm layers of ``module`` normalise with global-batch statistics while inside.
 
     The layers keep their parameters, buffers and state_dict keys (only their class is swapped to a

@@ -29,7 +29,8 @@ def resolve_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"device={name!r} is not a device name.", fix="use device=cpu, cuda, cuda:N or auto") from None
+        raise ConfigError(f"device={name!r} is not a device name.",
+                          fix="use device=cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(

@@ -58,7 +58,7 @@ class GTransConfig(MethodConfig):
             locations only (EfficientAD's hard-feature loss, per location), which spends the training on
             where the student fits worst; 0 (METHODS.md, and ``preset=paper``): the mean over all of them.
         est_images_per_s: training throughput assumed when the time budget plans the schedule (2-core
-            CPU, 224 px, measured); on a slower machine the loop shortens the schedule to fit (train.replan).
+            CPU, 224 px, measured); on a slower machine the loop shortens the schedule to fit (train.schedule).
     """
 
     image_size: int = 224

@@ -38,12 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from anomap.methods.base import Method, Stage, cosine_factor
+from anomap.data.tensors import to_tensor
+from anomap.methods.base import Method
 from anomap.methods.gtrans.config import GTransConfig
 from anomap.nn.efficientnet import Teacher
 from anomap.nn.filters import gaussian_blur, reduce_map
 from anomap.nn.gtrans_student import Student
 from anomap.registry import register
+from anomap.train.schedule import Stage, cosine_factor
+from anomap.types import TensorLike
 
 LOCATION_PRIOR = 5.0  # map_norm=location: the held-out mean at a location is shrunk toward the scale's mean
 # as if that many more images had given exactly the scale's mean there (fixed a priori, not tuned)
@@ -120,7 +123,7 @@ class GTrans(Method):
         chunks: list[list[Tensor]] = [[] for _ in range(n)]
         keep = True
         for i in range(0, len(fit_images), STAT_BATCH):
-            feats = self._teacher(self.to_tensor(fit_images[i:i + STAT_BATCH], device))
+            feats = self._teacher(to_tensor(fit_images[i:i + STAT_BATCH], device))
             if i == 0:
                 per_image = sum(f[0].numel() for f in feats) * 4
                 keep = per_image * len(fit_images) <= CACHE_BYTES
@@ -143,7 +146,7 @@ class GTrans(Method):
             self._cache_index = {_image_key(img): j for j, img in enumerate(fit_images)}
 
     def make_batch(self, images: np.ndarray, rng: np.random.Generator, pool: np.ndarray) -> dict[str, Tensor]:
-        batch = {"image": self.to_tensor(images, "cpu")}
+        batch = {"image": to_tensor(images, "cpu")}
         if self._cache_index:
             idx = [self._cache_index.get(_image_key(img), -1) for img in images]
             if min(idx) >= 0:
@@ -207,7 +210,7 @@ class GTrans(Method):
 
     # --- scoring --------------------------------------------------------------------------------
     @torch.no_grad()
-    def calibrate(self, heldout: Tensor) -> None:
+    def calibrate(self, heldout: TensorLike) -> None:
         """Mean per-scale distance over held-out normals (token and feature heads), so that every scale
         and head weighs the same in the map; for ``map_norm=location``, its held-out mean at each
         location relative to that (shrunk toward 1 by ``LOCATION_PRIOR`` images); for ``map_norm=quantile``,

@@ -31,12 +31,14 @@ from PIL import Image
 from torch import Tensor, nn
 
 from anomap.data.corruption import PRESETS, corrupt
-from anomap.methods.base import Method, Stage, cosine_factor, epochs_to_steps
+from anomap.data.tensors import to_tensor
+from anomap.methods.base import Method
 from anomap.methods.isstad.checkpoint import read_mae_checkpoint
 from anomap.methods.isstad.config import STAGE1, STAGE2, IsstadConfig
 from anomap.nn.filters import gaussian_blur, gaussian_kernel1d, reduce_map
 from anomap.nn.vit import MaeDecoder, ViTEncoder, patchify, unpatchify
 from anomap.registry import register
+from anomap.train.schedule import Stage, cosine_factor, epochs_to_steps, share_budget
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +125,8 @@ class Isstad(Method):
         cfg = self.config
         steps = [epochs_to_steps(cfg.stage1_epochs, n_fit, cfg.stage1_batch_size),
                  epochs_to_steps(cfg.stage2_epochs, n_fit, cfg.stage2_batch_size)]
-        if cfg.max_train_seconds > 0:
-            per_step = [cfg.stage1_batch_size / cfg.est_images_per_s[0],
-                        cfg.stage2_batch_size / cfg.est_images_per_s[1]]
-            budget = 0.95 * cfg.max_train_seconds
-            share = [cfg.stage1_time_share * budget, (1 - cfg.stage1_time_share) * budget]
-            need = [s * t for s, t in zip(steps, per_step, strict=True)]
-            spare = [max(0.0, share[i] - need[i]) for i in range(2)]
-            allowed = [share[0] + spare[1], share[1] + spare[0]]
-            steps = [max(1, min(steps[i], int(allowed[i] / per_step[i]))) for i in range(2)]
+        steps = share_budget(steps, [cfg.stage1_batch_size, cfg.stage2_batch_size], cfg.est_images_per_s,
+                             cfg.stage1_time_share, cfg.max_train_seconds)
         if cfg.max_steps > 0:  # the loop's max_steps counts both stages together: split it
             first = max(1, (cfg.max_steps + 1) // 2)
             steps = [min(steps[0], first), min(steps[1], max(1, cfg.max_steps - first))]
@@ -200,7 +195,7 @@ class Isstad(Method):
 
     def _norm(self, images: np.ndarray) -> Tensor:
         """uint8 (B, H, W, C) -> float (B, 3, H, W) in [-1, 1]."""
-        x = self.to_tensor(images, "cpu")
+        x = to_tensor(images, "cpu")
         return (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x).mul(2.0).sub(1.0).contiguous()
 
     def make_batch(self, images: np.ndarray, rng: np.random.Generator, pool: np.ndarray) -> dict[str, Tensor]:

@@ -1,8 +1,9 @@
 """Fit and held-out images in bounded memory, for ``Detector.fit`` and ``Detector.calibrate``.
 
 :func:`load_fit_images` keeps a small fit set in RAM and streams a large one from a disk cache
-(:class:`anomap.data.store.ImageStore`); :class:`TensorBatches` shows either as float tensors, slice
-by slice, to a method's ``calibrate`` (docs/scale.md).
+(:class:`anomap.data.store.ImageStore`) that the processes of a torchrun job on one machine share;
+:class:`anomap.data.tensors.TensorBatches` shows either as float tensors, slice by slice, to a
+method's ``calibrate`` (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -13,47 +14,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor
 
 from anomap.data.store import ImageStore, build_store
 from anomap.data.transforms import load_stack
 from anomap.errors import ConfigError, DataError
-from anomap.methods.base import Method
 from anomap.train.distributed import SINGLE, DistContext, any_rank
 
 # Fit sets that decode to at least this many bytes (x processes on the machine) stream from a disk cache
 # instead of RAM; the environment variable overrides it (0: always stream).
 STREAM_MIN_BYTES = 32 << 20
 STREAM_ENV = "ANOMAP_STREAM_MIN_BYTES"
-
-
-class TensorBatches:
-    """uint8 images (N, S, S, C) seen as float tensors (N, C, S, S) in [0, 1], converted slice by slice.
-
-    What ``Method.calibrate`` receives: ``len(x)``, ``x.shape`` and ``x[i:j]`` (a tensor on the device)
-    work without holding all images as floats; ``x.to(device)`` converts all of them at once.
-    """
-
-    def __init__(self, images: np.ndarray | ImageStore, device: torch.device):
-        self.images = images
-        self.device = device
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        n, h, w, c = self.images.shape
-        return (n, c, h, w)
-
-    def __getitem__(self, key: Any) -> Tensor:
-        rows = self.images[key]
-        return Method.to_tensor(rows if rows.ndim == 4 else rows[None], self.device)
-
-    def to(self, device: torch.device | str) -> Tensor:
-        return Method.to_tensor(self.images[:], device)
 
 
 def _stream_min_bytes() -> int:
