@@ -43,6 +43,24 @@ def make_category(root: Path, n_train: int = 12, n_good: int = 4, n_defect: int 
     return root
 
 
+def tiny_ssl_ae_with_onnx(root: Path, **export_kw) -> tuple[Path, Path, Path]:
+    """A tiny category under ``root``, a 3-step ssl_ae fitted on it on one thread, saved and exported to
+    ONNX: (data, model.safetensors, model.onnx)."""
+    from anomap import create
+    from anomap.export.onnx import export_onnx
+
+    data = make_category(root / "cat")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        det = create("ssl_ae", **{**TINY, "max_steps": 3}).fit(data, progress=False)
+        model = det.save(root / "m.safetensors")
+        export_onnx(det, root / "m.onnx", **export_kw)
+    finally:
+        torch.set_num_threads(before)
+    return data, model, root / "m.onnx"
+
+
 @pytest.fixture(scope="session")
 def tiny_category(tmp_path_factory) -> Path:
     return make_category(tmp_path_factory.mktemp("data") / "tiny")

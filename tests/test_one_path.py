@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 pytest.importorskip("onnxruntime")
@@ -20,10 +19,9 @@ from fastapi.testclient import TestClient
 import anomap
 from anomap import inference
 from anomap.cli import main
-from anomap.export.onnx import export_onnx
 from anomap.runtime.backend import load_backend
 from anomap.serve.app import create_app
-from conftest import TINY, make_category
+from conftest import tiny_ssl_ae_with_onnx
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,15 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def models(tmp_path_factory) -> dict[str, Path]:
     """A tiny ssl_ae (.safetensors), its ONNX export, and a defect image of another size than the model's."""
     root = tmp_path_factory.mktemp("one_path")
-    data = make_category(root / "cat")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        det = anomap.create("ssl_ae", **{**TINY, "max_steps": 3}).fit(data, progress=False)
-        model = det.save(root / "m.safetensors")
-        export_onnx(det, root / "m.onnx", parity_images=data / "test")
-    finally:
-        torch.set_num_threads(before)
+    data, model, _ = tiny_ssl_ae_with_onnx(root, parity_images=root / "cat" / "test")
     img = np.asarray(Image.open(data / "test" / "spot" / "000.png"))[:40, :44]  # 40 x 44: not the working 32
     Image.fromarray(img).save(root / "part.png")
     return {"model": model, "onnx": root / "m.onnx", "image": root / "part.png"}

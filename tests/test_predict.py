@@ -9,15 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import anomap
 from anomap.cli import main
-from anomap.export.onnx import export_onnx
 from anomap.runtime.backend import load_backend
 from anomap.runtime.batch import COLUMNS, collect_inputs, predict_stream
-from conftest import TINY, make_category
+from conftest import tiny_ssl_ae_with_onnx
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,13 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def setup(tmp_path_factory) -> dict[str, Path]:
     """A tiny ssl_ae model, its ONNX export, and a folder with 6 good images, a corrupt and an empty file."""
     root = tmp_path_factory.mktemp("predict")
-    data = make_category(root / "cat")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    det = anomap.create("ssl_ae", **{**TINY, "max_steps": 3}).fit(data, progress=False)
-    model = det.save(root / "m.safetensors")
-    export_onnx(det, root / "m.onnx")
-    torch.set_num_threads(before)
+    data, model, _ = tiny_ssl_ae_with_onnx(root)
     folder = root / "in"
     (folder / "sub").mkdir(parents=True)
     for p in sorted((data / "test").rglob("*.png"))[:5]:

@@ -30,8 +30,7 @@ import functools
 import hashlib
 import math
 import operator
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -264,16 +263,6 @@ class GTrans(Method):
         if mode == "fine_feature":
             return (1,) if k == 0 and self.student.pool_first else (0,)
         return {"token": (0,), "feature": (1,), "both": (0, 1)}[mode]
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        """Models saved before ``map_heads`` / ``map_norm`` existed lack ``map_mean_feat`` / ``map_loc*`` /
-        ``map_quant``: they start at their initial values (only those settings use them, and re-scoring with
-        them recalibrates)."""
-        if "map_mean" in state_dict:
-            missing = {key: buf.clone() for key, buf in self.state_dict().items() if key not in state_dict
-                       and (key in ("map_mean_feat", "map_quant") or key.startswith("map_loc"))}
-            state_dict = {**state_dict, **missing}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 def _total(terms: Iterable[Tensor]) -> Tensor:
