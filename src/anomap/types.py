@@ -158,7 +158,8 @@ class EvalResult:
         rows: one dict per test image: path, defect_type, label (0/1), score, is_anomalous.
         curves: "image_roc" {"fpr", "tpr"}, "pixel_roc" {"fpr", "tpr"}, "pro" {"fpr", "pro"}: lists of floats.
         per_defect: image AUROC of each defect type against the good test images.
-        info: method, image_size, eval_size, dataset, counts, threshold, timings.
+        info: method, image_size, eval_size, dataset, counts, threshold, timings; target_fpr, n_heldout,
+            promised_fpr and fpr_upper95: what the threshold promises, beside test_fpr (docs/protocol.md).
     """
 
     metrics: dict[str, float | None]
@@ -201,7 +202,7 @@ class EvaluableDetector(Protocol):
 
     @property
     def calibration(self) -> Calibration:
-        """Threshold, target FPR and held-out count (recorded; the threshold gives the verdicts)."""
+        """Threshold, target FPR, held-out count and promise (recorded; the threshold gives the verdicts)."""
         ...
 
     def prepare(self, image: Path) -> tuple[np.ndarray, tuple[int, int]]:
