@@ -26,6 +26,14 @@ def test_row_has_one_cell_per_header_column_and_formats_values():
     assert cells[12] == "image_size=256; a label"
 
 
+def test_the_test_fpr_stands_beside_what_the_threshold_promised():
+    rec = _rec([])
+    rec["info"].update(promised_fpr=0.04225, fpr_upper95=0.08721)
+    cells = [c.strip() for c in row(rec).strip("|").split("|")]
+    assert len(cells) == HEADER.count("|") - 1
+    assert cells[6] == "0.05 (promise <=0.042, 95% <=0.087) / 0.60"
+
+
 def test_label_equal_to_the_overrides_is_written_once():
     assert row(_rec(["image_size=256"]), "image_size=256").endswith("| image_size=256 |")
     assert row(_rec([]), "").endswith("|  |")

@@ -285,12 +285,12 @@ def test_threshold_at_fpr_counts() -> None:
     rng = np.random.default_rng(0)
     twenty = rng.random(20)
     thr = threshold_at_fpr(twenty, 0.05)
-    assert thr == twenty.max()  # with 20 images the 0.95 "higher" quantile is the maximum
+    assert thr == twenty.max()  # with 20 images the conformal k = ceil(21 * 0.95) = 20: the maximum
     assert int((twenty > thr).sum()) == 0
     hundred = rng.random(100)
     thr = threshold_at_fpr(hundred, 0.05)
     assert thr in hundred
-    assert int((hundred > thr).sum()) == 4  # index ceil(99 * 0.95) = 95 of the sorted scores
+    assert int((hundred > thr).sum()) == 4  # k = ceil(101 * 0.95) = 96: the 96th of 100 sorted scores
     for n in (1, 3, 7, 50, 333):
         scores = rng.normal(size=n).round(1)  # ties included
         for target in (0.0, 0.01, 0.05, 0.1, 0.5, 1.0):

@@ -72,8 +72,15 @@ def client(backend: Backend, **kw) -> TestClient:
 
 def test_healthz_and_model(backend):
     c = client(backend)
-    assert c.get("/healthz").json()["status"] == "ok"
+    h = c.get("/healthz").json()
+    cal = backend.calibration
+    assert h["status"] == "ok" and h["calibration"] == {  # what the verdicts promise, with no key needed
+        "target_fpr": 0.05, "promised_fpr": pytest.approx(cal.promised_fpr),
+        "fpr_upper95": pytest.approx(cal.fpr_upper95), "n_heldout": cal.n_heldout}
+    assert 0.05 < cal.promised_fpr == 1 / (cal.n_heldout + 1) < cal.fpr_upper95 < 1  # too few held out
     m = c.get("/v1/model").json()
+    assert m["calibration"]["promised_fpr"] == pytest.approx(cal.promised_fpr)
+    assert m["calibration"]["order_k"] == cal.n_heldout
     assert m["method"] == "ssl_ae" and m["backend"] == "torch" and m["image_size"] == 32
     assert m["calibration"]["threshold"] == pytest.approx(backend.calibration.threshold)
     assert m["config"]["width"] == TINY["width"] and m["version"] == anomap.__version__

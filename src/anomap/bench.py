@@ -90,8 +90,11 @@ def row(rec: dict, label: str = "") -> str:
     steps = sum(info.get("steps", {}).values()) if isinstance(info.get("steps"), dict) else info.get("steps")
     sets = " ".join(rec.get("sets", []))
     notes = "; ".join(x for x in dict.fromkeys((sets, label)) if x)  # a label that repeats the --set: once
+    promise = (f" (promise <={info['promised_fpr']:.3f}, 95% <={info['fpr_upper95']:.3f})"  # test FPR beside it
+               if info.get("promised_fpr") is not None and info.get("fpr_upper95") is not None else "")
     return (f"| {rec['dataset']} | {rec['method']} | {_fmt(m['image_auroc'])} | {_fmt(m['pixel_auroc'])} | "
-            f"{_fmt(m['aupro'])} | {_fmt(m['image_f1max'])} | {_fmt(m['test_fpr'], 2)} / {_fmt(m['test_recall'], 2)} "
+            f"{_fmt(m['aupro'])} | {_fmt(m['image_f1max'])} | {_fmt(m['test_fpr'], 2)}{promise} / "
+            f"{_fmt(m['test_recall'], 2)} "
             f"| {rec['fit_seconds']:.1f} | {rec['ms_per_image_bs1']:.1f} | {rec['peak_rss_mb']:.0f} | "
             f"{rec['image_size']} | {steps} ({info.get('stopped_by')}) | {notes} |")
 

@@ -31,7 +31,7 @@ from anomap.data.transforms import load_stack
 from anomap.errors import CheckpointError, ConfigError, NotFittedError
 from anomap.inference import ImageInput, Scored, prepare_image, score_images, u8_batch
 from anomap.methods.base import Method
-from anomap.metrics.threshold import threshold_at_fpr
+from anomap.metrics.threshold import calibrated_threshold
 from anomap.registry import get_method_class
 from anomap.train.checkpoint import load_checkpoint, save_checkpoint
 from anomap.train.distributed import DistContext, session, threads_per_process
@@ -187,9 +187,10 @@ class Detector:
         scores, values = np.concatenate(score_parts), np.concatenate(value_parts)
         if not len(values):
             values = np.zeros(1, np.float32)
+        promise = calibrated_threshold(scores, self.config.target_fpr)  # warns when too few for the target
         self.calibration = Calibration(
-            threshold=threshold_at_fpr(scores, self.config.target_fpr),
-            target_fpr=self.config.target_fpr,
+            threshold=promise.threshold, order_k=promise.order_k, promised_fpr=promise.promised_fpr,
+            fpr_upper95=promise.fpr_upper95, target_fpr=self.config.target_fpr,
             map_scale=float(np.quantile(values, 0.999)),
             map_low=float(np.quantile(values, 0.5)),
             n_heldout=len(scores),

@@ -3,6 +3,7 @@ and the protocols at the main seams."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -64,9 +65,44 @@ class Split:
     seed: int = 0
 
 
+def promised_fpr_of(n: int, k: int) -> float:
+    """The conformal promise of the ``k``-th smallest of ``n`` held-out normal scores as threshold.
+
+    A new normal image, exchangeable with the held-out ones, scores above it with probability at most
+    ``(n + 1 - k) / (n + 1)`` (exactly that for continuous scores), over the draw of the held-out set.
+    """
+    return (n + 1 - k) / (n + 1)
+
+
+def fpr_upper_bound(n: int, k: int, level: float = 0.95) -> float:
+    """Upper ``level`` bound on the false-alarm rate of the line that uses the ``k``-th smallest of ``n``
+    held-out normal scores as threshold: the ``level`` quantile of Beta(n + 1 - k, k), the distribution
+    of ``P(score > threshold)`` over held-out draws for continuous scores (one-sided Clopper-Pearson for
+    ``n - k`` of ``n`` held-out scores above the threshold)."""
+    from scipy.stats import beta  # only here: importing scipy.stats takes a while
+
+    return float(beta.ppf(level, n + 1 - k, k))
+
+
+def _order_k_of(threshold: float | None, n: int, scores: list[float], target_fpr: float) -> int | None:
+    """Which order statistic a stored threshold is (for calibrations saved before ``order_k`` was)."""
+    if threshold is None or n < 1:
+        return None
+    if len(scores) == n:  # ties count as at or below: the highest index among equal scores
+        k = sum(1 for s in scores if s <= threshold)
+        return k if k >= 1 else None
+    return min(n, math.ceil((1.0 - target_fpr) * (n - 1)) + 1)  # the rule before: numpy's "higher" quantile
+
+
 @dataclass
 class Calibration:
-    """Operating point and statistics derived from held-out normal images only."""
+    """Operating point and statistics derived from held-out normal images only.
+
+    ``threshold`` is the ``order_k``-th smallest of the ``n_heldout`` held-out scores; ``promised_fpr``
+    is its conformal promise (:func:`promised_fpr_of`) and ``fpr_upper95`` the 95 % upper bound on the
+    false-alarm rate of a line that uses it (:func:`fpr_upper_bound`). The three are None without a
+    threshold; dicts saved before they existed get them computed on load.
+    """
 
     threshold: float | None = None  # image-score threshold at ``target_fpr`` on held-out normals
     target_fpr: float = 0.05
@@ -74,6 +110,9 @@ class Calibration:
     map_low: float | None = None  # held-out normal median pixel value: heat-map colour bottom
     n_heldout: int = 0
     heldout_scores: list[float] = field(default_factory=list)
+    order_k: int | None = None  # the threshold is the order_k-th smallest held-out score (1-based)
+    promised_fpr: float | None = None  # P(new normal > threshold) <= this, over held-out draws
+    fpr_upper95: float | None = None  # with 95 % confidence, this line's false-alarm rate is at most this
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -83,11 +122,14 @@ class Calibration:
             "map_low": self.map_low,
             "n_heldout": self.n_heldout,
             "heldout_scores": list(self.heldout_scores),
+            "order_k": self.order_k,
+            "promised_fpr": self.promised_fpr,
+            "fpr_upper95": self.fpr_upper95,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Calibration:
-        return cls(
+        cal = cls(
             threshold=d.get("threshold"),
             target_fpr=float(d.get("target_fpr", 0.05)),
             map_scale=d.get("map_scale"),
@@ -95,6 +137,15 @@ class Calibration:
             n_heldout=int(d.get("n_heldout", 0)),
             heldout_scores=list(d.get("heldout_scores", [])),
         )
+        if "order_k" in d:  # written with the promise: read as stored
+            cal.order_k = None if d["order_k"] is None else int(d["order_k"])
+            cal.promised_fpr, cal.fpr_upper95 = d.get("promised_fpr"), d.get("fpr_upper95")
+            return cal
+        k = _order_k_of(cal.threshold, cal.n_heldout, cal.heldout_scores, cal.target_fpr)
+        if k is not None:  # saved before the promise was stored: what its threshold promises
+            n = cal.n_heldout
+            cal.order_k, cal.promised_fpr, cal.fpr_upper95 = k, promised_fpr_of(n, k), fpr_upper_bound(n, k)
+        return cal
 
 
 @dataclass
@@ -107,7 +158,8 @@ class EvalResult:
         rows: one dict per test image: path, defect_type, label (0/1), score, is_anomalous.
         curves: "image_roc" {"fpr", "tpr"}, "pixel_roc" {"fpr", "tpr"}, "pro" {"fpr", "pro"}: lists of floats.
         per_defect: image AUROC of each defect type against the good test images.
-        info: method, image_size, eval_size, dataset, counts, threshold, timings.
+        info: method, image_size, eval_size, dataset, counts, threshold, timings; target_fpr, n_heldout,
+            promised_fpr and fpr_upper95: what the threshold promises, beside test_fpr (docs/protocol.md).
     """
 
     metrics: dict[str, float | None]
@@ -150,7 +202,7 @@ class EvaluableDetector(Protocol):
 
     @property
     def calibration(self) -> Calibration:
-        """Threshold, target FPR and held-out count (recorded; the threshold gives the verdicts)."""
+        """Threshold, target FPR, held-out count and promise (recorded; the threshold gives the verdicts)."""
         ...
 
     def prepare(self, image: Path) -> tuple[np.ndarray, tuple[int, int]]:

@@ -183,6 +183,8 @@ def _metrics(det: EvaluableDetector, samples: list[Sample], scores: np.ndarray, 
         "pixel_roc": {"fpr": list(pix_curve.get("fpr", [])), "tpr": list(pix_curve.get("tpr", []))},
         "pro": pro_c,
     }
+    cal = det.calibration  # what the threshold promises, beside the test_fpr it achieved
     info = {"method": det.method_name, "image_size": det.config.image_size, "threshold": thr,
-            "target_fpr": det.calibration.target_fpr, "n_heldout": det.calibration.n_heldout}
+            "target_fpr": cal.target_fpr, "n_heldout": cal.n_heldout, "promised_fpr": cal.promised_fpr,
+            "fpr_upper95": cal.fpr_upper95}
     return EvalResult(metrics=metrics, rows=rows, curves=curves, per_defect=per_defect, info=info)

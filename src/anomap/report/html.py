@@ -18,6 +18,7 @@ from typing import TypeGuard
 import numpy as np
 
 from anomap.report.overlay import colormap, downscale, heatmap_overlay, png_data_uri, side_by_side
+from anomap.report.threshold import threshold_html
 from anomap.types import EvalResult
 
 _PANEL_SIDE = 224  # long side, in pixels, of each image / overlay panel embedded in an example card
@@ -260,7 +261,7 @@ def _common_scale(examples: dict[str, list[Example]], vmin: float | None,
 def _flag_html(ex: Example, flags: dict[str, bool], threshold: object) -> str:
     flagged: bool | None = flags.get(str(ex.path))
     if flagged is None and _is_num(threshold):
-        flagged = bool(float(ex.score) >= float(threshold))
+        flagged = bool(float(ex.score) > float(threshold))
     if flagged is None:
         return '<span class="na">not flagged (uncalibrated)</span>'
     return '<span class="flag">flagged</span>' if flagged else '<span class="ok">not flagged</span>'
@@ -374,6 +375,7 @@ def render_report(
         (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
         f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>{_info_html(info)}"),
         f"<h2>Metrics</h2>{_metrics_html(result.metrics or {})}",
+        threshold_html(info, result.metrics or {}, rows),
         f'<h2>Curves</h2><div class="plots">{curves}</div>',
         f"<h2>Image AUROC per defect type</h2>{_per_defect_html(result.per_defect or {}, rows)}",
     ]

@@ -6,7 +6,8 @@
   image, the heat-map overlay as a PNG data URI with ``?heatmap=true``, the threshold set per request
   with ``?threshold=``;
 - ``GET /v1/model``: method, config, calibration, versions and this server's limits;
-- ``GET /healthz``; OpenAPI at ``/openapi.json`` and ``/docs``; the web page at ``/``.
+- ``GET /healthz``: liveness, and what the calibrated threshold promises (``calibration``); OpenAPI at
+  ``/openapi.json`` and ``/docs``; the web page at ``/``.
 
 Hardening: a request-body byte limit (413), a per-image pixel limit read from the header (413), content
 checks (415 not an image, 400 undecodable), a per-request timeout (504), bounded admission (503 at once
@@ -261,7 +262,10 @@ def create_app(model: str | Path | Backend, backend: str | None = None, *, devic
 
     @app.get("/healthz", tags=["service"], summary="liveness (never needs the API key)")
     def healthz() -> dict[str, Any]:
-        return {"status": "ok", "method": be.method, "backend": be.name, "in_flight": gate.active}
+        cal = be.calibration  # what the verdicts' threshold promises (docs/protocol.md)
+        return _finite({"status": "ok", "method": be.method, "backend": be.name, "in_flight": gate.active,
+                        "calibration": {"target_fpr": cal.target_fpr, "promised_fpr": cal.promised_fpr,
+                                        "fpr_upper95": cal.fpr_upper95, "n_heldout": cal.n_heldout}})
 
     @app.get("/v1/model", tags=["model"], summary="method, config, calibration and versions",
              dependencies=[Depends(require_key)])
