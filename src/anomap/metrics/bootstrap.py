@@ -229,10 +229,15 @@ class ImageSummaries:
 
 
 class _SplitSpool(MapSpool):
-    """A :class:`MapSpool` that also samples normal and defect pixel values apart (for the edges)."""
+    """A :class:`MapSpool` that samples normal and defect pixel values apart (for the edges).
 
-    def __init__(self, folder: str | Path, size: int, sample_cap: int = SAMPLE_CAP):
-        super().__init__(folder, size, sample_cap)
+    A few hundred values per bin place 1024 quantile edges well: the samples hold at most 2**18 normal
+    and 2**16 defect values (2.5 MB); the spool's own sample of all values is only kept for its exact
+    minimum.
+    """
+
+    def __init__(self, folder: str | Path, size: int, sample_cap: int = SAMPLE_CAP // 4):
+        super().__init__(folder, size, sample_cap=1024)
         self.normal = ValueSample(sample_cap)
         self.defect = ValueSample(sample_cap // 4)
 
