@@ -261,8 +261,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from anomap.bench import run_bench
+    from anomap.bench.runner import run_compare, run_suite
+    from anomap.errors import ConfigError
 
-    return run_bench(args.data, args.method, sets=args.set or [], out=Path(args.out),
+    if args.compare:
+        if args.method and len(args.method) > 2:
+            raise ConfigError(f"--compare takes one or two methods, got {len(args.method)}.",
+                              fix="--method M (both folders) or --method M_A M_B")
+        methods = (None, None) if not args.method else (args.method[0], args.method[-1])
+        return run_compare(Path(args.compare[0]), Path(args.compare[1]), out=Path(args.out),
+                           json_out=Path(args.json) if args.json else None, methods=methods)
+    if args.suite:
+        return run_suite(Path(args.suite), out=Path(args.out))
+    return run_bench(args.data, args.method or ["ssl_ae"], sets=args.set or [], out=Path(args.out),
                      runs_dir=Path(args.runs_dir), max_minutes=args.max_minutes, label=args.label)
 
 

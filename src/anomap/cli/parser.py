@@ -145,16 +145,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("bench", help="train + evaluate method x dataset pairs; Markdown table rows")
-    p.add_argument("--data", nargs="+", required=True, help="category folders")
-    p.add_argument("--method", nargs="+", default=["ssl_ae"])
+    p = sub.add_parser("bench", help="train + evaluate method x dataset pairs; Markdown rows, suite means with "
+                       "bootstrap intervals; --compare two benches",
+                       description="anomap bench --data D1 D2 ... --method M1 M2 ...: one row per pair and each "
+                       "method's mean over the datasets with 95% bootstrap intervals. anomap bench --compare RUNS_A "
+                       "RUNS_B: B - A per dataset and for the suite mean, paired 95% intervals and the adoption "
+                       "verdict per metric (docs/protocol.md). anomap bench --suite RUNS: the suite block of the "
+                       "runs already in RUNS.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", nargs="+", help="category folders to bench")
+    what.add_argument("--compare", nargs=2, metavar=("RUNS_A", "RUNS_B"),
+                      help="compare two bench runs folders (each runs/<tag>/<dataset>-<method>/...): B - A")
+    what.add_argument("--suite", metavar="RUNS", help="the suite block of the runs in a runs folder")
+    p.add_argument("--method", nargs="+", help="methods to bench (default ssl_ae); with --compare: the method of "
+                   "both folders, or one for A and one for B")
     p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
                    help="config overrides for every run")
     p.add_argument("--out", default="runs/bench/benchmarks.md",
-                   help="Markdown file the rows are appended to, created if missing "
+                   help="Markdown file the rows (or the comparison) are appended to, created if missing "
                         "(default: runs/bench/benchmarks.md)")
     p.add_argument("--runs-dir", default="runs/bench", help="where models, metrics and reports go")
     p.add_argument("--max-minutes", type=float, help="training time budget per run")
     p.add_argument("--label", default="", help="note for the table's notes column")
+    p.add_argument("--json", help="--compare: JSON file of the comparison (default: beside --out, named after "
+                   "both folders)")
     p.set_defaults(func=cmd_bench)
     return ap

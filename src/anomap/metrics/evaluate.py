@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ PRO_LIMIT = 0.3
 # images at 256x256) is ~0.7 GB; larger sets stream (memory independent of the number of images).
 EXACT_PIXEL_LIMIT = 1 << 24
 PIXEL_MODES = ("auto", "exact", "streaming")
+# Called once per batch with (samples, scores (B,), maps and bool masks (B, e, e) at the evaluation size).
+Observer = Callable[[list[Sample], np.ndarray, np.ndarray, np.ndarray], None]
 
 
 def choose_pixel_mode(pixel_mode: str, n_pixels: int, limit: int | None = None) -> str:
@@ -55,7 +58,7 @@ def choose_pixel_mode(pixel_mode: str, n_pixels: int, limit: int | None = None) 
 
 
 def evaluate(det: EvaluableDetector, path: str | Path, eval_size: int | None = None, progress: bool = True,
-             pixel_mode: str = "auto") -> EvalResult:
+             pixel_mode: str = "auto", observe: Observer | None = None) -> EvalResult:
     """Score every image of ``path/test`` and compute metrics against the ground truth.
 
     Args:
@@ -66,6 +69,8 @@ def evaluate(det: EvaluableDetector, path: str | Path, eval_size: int | None = N
         progress: show a progress bar.
         pixel_mode: "auto" (exact up to ``EXACT_PIXEL_LIMIT`` pixels, else streaming), "exact" or
             "streaming" (see the module docstring).
+        observe: called with each batch's samples, raw scores, maps and masks at the evaluation size
+            (``anomap bench`` keeps per-image summaries this way: :mod:`anomap.metrics.bootstrap`).
 
     Returns:
         EvalResult with ``metrics`` (image_auroc, pixel_auroc, aupro, image_f1max, image_aupr,
@@ -91,10 +96,13 @@ def evaluate(det: EvaluableDetector, path: str | Path, eval_size: int | None = N
             for j, smp in enumerate(chunk):
                 if smp.mask_path is not None:
                     chunk_masks[j] = resize_mask(load_mask(smp.mask_path, size=image_size(smp.path)), e)
+            chunk_maps = resize_maps(m, (e, e))
+            if observe is not None:
+                observe(chunk, np.asarray(s), chunk_maps, chunk_masks)
             if spool is not None:
-                spool.add(resize_maps(m, (e, e)), chunk_masks)
+                spool.add(chunk_maps, chunk_masks)
             else:
-                maps[i:i + len(chunk)] = resize_maps(m, (e, e))
+                maps[i:i + len(chunk)] = chunk_maps
                 masks[i:i + len(chunk)] = chunk_masks
             bar.update(len(chunk))
         bar.close()
