@@ -56,38 +56,33 @@ def machine() -> str:
 
 def run_one(data: str, method: str, sets: list[str], out_json: Path, run_dir: Path) -> dict:
     """Fit, evaluate, time batch-1 inference and write a JSON record (runs inside the subprocess)."""
-    import torch
 
     import anomap
     from anomap.config import parse_overrides
-    from anomap.data.dataset import test_samples
-    from anomap.data.images import load_image
-    from anomap.metrics.bootstrap import SummaryBuilder
-    from anomap.report.build import write_report
 
     run_dir.mkdir(parents=True, exist_ok=True)
     det = anomap.create(method, **parse_overrides(sets, prefix=method))
     t0 = time.perf_counter()
     det.fit(data, out=run_dir / "model.safetensors", progress=sys.stderr.isatty())
     fit_s = time.perf_counter() - t0
+    return record(det, data, method, sets, fit_s, out_json, run_dir)
+
+
+def record(det: Any, data: str, method: str, sets: list[str], fit_s: float, out_json: Path, run_dir: Path) -> dict:
+    """Evaluate a trained detector (with per-image summaries and a report in ``run_dir``), time batch-1
+    inference, and write the JSON record. ``anomap bench`` calls it after a fit; a script may call it for a
+    re-scored model (``Detector.rescore``)."""
+    import anomap
+    from anomap.metrics.bootstrap import SummaryBuilder
+    from anomap.report.build import write_report
+
     with tempfile.TemporaryDirectory(prefix="anomap-summaries-") as tmp:
         builder = SummaryBuilder(tmp, int(det.config.eval_size))
         result = anomap.evaluate(det, data, progress=False, observe=builder.add)
         summaries = builder.finish(_summary_meta(data, method, result.metrics, result.info))
     summaries.save(run_dir / SUMMARIES)
     write_report(det, result, run_dir / "report.html")
-    # batch-1 latency: decoded image in memory -> resize + normalise + forward + map upsampling
-    samples = test_samples(data)
-    rng = np.random.default_rng(0)
-    picks = [samples[i] for i in rng.choice(len(samples), size=min(20, len(samples)), replace=False)]
-    imgs = [load_image(s.path, channels=det.channels) for s in picks]
-    with torch.no_grad():
-        for im in imgs[:3]:
-            det.predict(im)
-        t1 = time.perf_counter()
-        for im in imgs:
-            det.predict(im)
-        ms = 1000 * (time.perf_counter() - t1) / len(imgs)
+    ms = batch1_ms(det, data)
     rec = {
         "dataset": Path(data).name, "method": method, "metrics": result.metrics, "per_defect": result.per_defect,
         "fit_seconds": fit_s, "ms_per_image_bs1": ms,
@@ -97,6 +92,27 @@ def run_one(data: str, method: str, sets: list[str], out_json: Path, run_dir: Pa
     }
     out_json.write_text(json.dumps(rec, indent=2, default=float))
     return rec
+
+
+def batch1_ms(det: Any, data: str, n: int = 20) -> float:
+    """Mean batch-1 latency over ``n`` test images after 3 warm-up calls: decoded image in memory ->
+    resize + normalise + forward + map upsampling."""
+    import torch
+
+    from anomap.data.dataset import test_samples
+    from anomap.data.images import load_image
+
+    samples = test_samples(data)
+    rng = np.random.default_rng(0)
+    picks = [samples[i] for i in rng.choice(len(samples), size=min(n, len(samples)), replace=False)]
+    imgs = [load_image(s.path, channels=det.channels) for s in picks]
+    with torch.no_grad():
+        for im in imgs[:3]:
+            det.predict(im)
+        t1 = time.perf_counter()
+        for im in imgs:
+            det.predict(im)
+        return 1000 * (time.perf_counter() - t1) / len(imgs)
 
 
 def _summary_meta(data: str, method: str, metrics: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
