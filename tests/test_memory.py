@@ -101,6 +101,26 @@ def test_patch_memory_loads_a_bank_of_any_size():
         PatchMemory(5).load_state_dict(src.state_dict())
 
 
+def test_memory_add_keeps_the_bank_while_there_is_room_and_rethins_when_full():
+    from anomap.methods.gtrans.memory import GTransMemory
+
+    gen = torch.Generator().manual_seed(6)
+    fit, far = torch.randn(400, 4, generator=gen), torch.randn(30, 4, generator=gen) + 20.0
+    mem = GTransMemory([0], [4], 1)
+    mem.build(fit, 0.1, 1000, seed=0)
+    old, radius = mem.bank.clone(), float(mem.radius)
+    assert len(old) == 40 and radius > 0
+    mem.add(fit[:50], 1000, seed=0)  # patches like the fit ones: already covered, nothing to add
+    assert torch.equal(mem.bank, old)
+    mem.add(far, 1000, seed=0)  # a new appearance: appended until it is covered as tightly, nothing dropped
+    assert torch.equal(mem.bank[:40], old) and 40 < len(mem) <= 70
+    covered = torch.cdist(far, mem.bank).min(1).values.pow(2)
+    assert float(covered.max()) <= radius * 1.01
+    mem.add(far + 40.0, 50, seed=0)  # over memory_max: a coreset of bank and new rows, 50 rows in all
+    assert len(mem) == 50 and float(torch.cdist(far + 40.0, mem.bank).min(1).values.max()) < 20
+    assert float(mem.radius) >= radius
+
+
 @pytest.mark.parametrize("values,match", [
     ({"memory": "on"}, "memory='on'"),
     ({"memory_scales": []}, "memory_scales"),

@@ -73,8 +73,10 @@ def greedy_coreset_radius(features: Tensor, n_pick: int, proj_dim: int = 128, se
     with fewer than ``n_pick`` indices, once that distance is ``<= stop_at``."""
     n = len(features)
     n_pick = int(min(max(n_pick, 0), n))
-    if n_pick >= n:
+    if n_pick >= n and stop_at < 0:
         return torch.arange(n), 0.0
+    if n_pick == 0:
+        return torch.zeros(0, dtype=torch.long), math.inf
     g = torch.Generator().manual_seed(int(seed))
     if 0 < max_candidates < n and n_pick < max_candidates:
         keep = torch.randperm(n, generator=g)[:max_candidates].sort().values
