@@ -6,7 +6,8 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from anomap.data.dataset import (
 from anomap.data.store import ImageStore
 from anomap.data.tensors import TensorBatches, to_tensor
 from anomap.data.transforms import load_stack
-from anomap.errors import CheckpointError, ConfigError, NotFittedError
+from anomap.errors import AnomapError, CheckpointError, ConfigError, DataError, NotFittedError
 from anomap.inference import ImageInput, Scored, prepare_image, score_images, u8_batch
 from anomap.methods.base import Method
 from anomap.metrics.threshold import calibrated_threshold
@@ -38,6 +39,7 @@ from anomap.train.distributed import DistContext, session, threads_per_process
 from anomap.train.fit_images import load_fit_images
 from anomap.train.loop import TrainResult, train
 from anomap.train.runtime import resolve_device, set_threads
+from anomap.train.validation import val_loss_fn
 from anomap.types import AnomalyResult, Calibration
 
 PREDICT_BATCH = 16
@@ -109,7 +111,7 @@ class Detector:
             self.model.prepare_fit(fit_imgs)
 
             val_loss = cfg.select_on == "val_loss"
-            eval_fn = self._val_loss_fn(np.asarray(held_imgs), fit_imgs) if val_loss else None
+            eval_fn = val_loss_fn(self.model, held_imgs, fit_imgs, cfg.seed, self.device) if val_loss else None
             ckpt = None if out is None else Path(str(out) + ".partial")
             result: TrainResult = train(
                 self.model, fit_imgs, seed=cfg.seed, device=self.device, ckpt_path=ckpt, resume=resume,
@@ -150,23 +152,6 @@ class Detector:
             if ckpt is not None and ckpt.exists():
                 ckpt.unlink()
         return self
-
-    def _val_loss_fn(self, held: np.ndarray, pool: np.ndarray) -> Callable[[], float]:
-        """Validation loss on held-out normals with fixed synthetic corruption (never test data)."""
-        assert self.model is not None
-        batch = self.model.make_batch(held, np.random.default_rng(self.config.seed + 1), pool)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        model = self.model
-
-        def fn() -> float:
-            was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                loss = float(model.training_step(batch, 0)["loss"])
-            model.train(was_training)
-            return loss
-
-        return fn
 
     def calibrate(self, heldout: np.ndarray | ImageStore) -> Calibration:
         """Threshold and map statistics from held-out normal images, uint8 (N, S, S, C), in bounded memory.
@@ -225,6 +210,27 @@ class Detector:
         self.info = {**self.info, "rescored": dict(overrides)}
         if compiled is not None:
             self.compile(compiled.batch_size, warmup=False)
+        return self
+
+    def add_normals(self, images: ImageInput | list[ImageInput] | Tensor, data: str | Path | None = None) -> Detector:
+        """Learn ``images`` (as :meth:`predict` takes them) as normal, then recalibrate: docs/methods.md."""
+        if isinstance(images, Tensor) or (isinstance(images, np.ndarray) and images.ndim == 4):
+            images = list(u8_batch(images))
+        items = [self.prepare(im)[0] for im in (images if isinstance(images, (list, tuple)) else [images])]
+        if not items:
+            raise DataError("add_normals got no images.", fix="pass at least one image")
+        try:
+            held = self.heldout_paths(data if data is not None else self.info.get("dataset") or "")
+        except AnomapError:
+            if data is not None:
+                raise
+            held = []  # e.g. a service far from the training data
+            warnings.warn("add_normals: the held-out images were not found, so calibration is kept", stacklevel=2)
+        self.require_model().add_normals(to_tensor(np.stack(items), self.device))
+        self._compiled = None  # a compiled graph holds the old state
+        self.info = {**self.info, "added_normals": int(self.info.get("added_normals", 0)) + len(items)}
+        if held:
+            self.calibrate(load_stack(held, self.config.image_size, int(self.channels or 3), progress=False))
         return self
 
     def heldout_paths(self, data: str | Path) -> list[Path]:

@@ -22,6 +22,11 @@ The hooks, in the order ``anomap.detector.Detector`` and :func:`anomap.train.loo
 5. ``predict(images)``: float images (B, C, H, W) in [0, 1] -> (raw scores (B,), anomaly maps (B, h, w))
    at the working size; higher is more anomalous. Required. The detector resizes the maps to the
    input images and compares the scores with the threshold it calibrated on held-out scores.
+6. ``add_normals(images)``: optional; learn that more images are normal without retraining (a method
+   with a memory of normal features adds theirs). ``images``: float (B, C, H, W) in [0, 1] at the working
+   size. Returns nothing; what changes lives in buffers. ``Detector.add_normals`` calls it, then
+   recalibrates (``calibrate`` and the threshold) on the held-out normals. Default: a one-line
+   ConfigError saying the method cannot (so the detector never claims an update that did not happen).
 
 Schedules come from :mod:`anomap.train.schedule`; :meth:`Method.schedule_steps` and
 :meth:`Method.budget_steps` apply it with the method's own ``max_steps`` and ``max_train_seconds``.
@@ -35,6 +40,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from anomap.config import MethodConfig
+from anomap.errors import ConfigError
 from anomap.train import schedule
 from anomap.train.schedule import Stage
 from anomap.types import TensorLike
@@ -96,3 +102,9 @@ class Method(nn.Module):
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Raw image scores (B,) and anomaly maps (B, h, w) for float images (B, C, H, W) in [0, 1]."""
         raise NotImplementedError
+
+    def add_normals(self, images: Tensor) -> None:
+        """Optional: learn that ``images`` (float (B, C, H, W) in [0, 1], working size) are normal, without
+        retraining; state goes into buffers. This default refuses with a one-line ConfigError."""
+        raise ConfigError(f"{self.name} cannot learn new normal images without retraining.",
+                          fix="add them to train/good and retrain, or use gtrans with memory=fused")

@@ -13,6 +13,7 @@ from anomap.nn.gtrans_student import FINE_TOKENS
 DISTANCES = ("both", "l2", "cos")
 MAP_HEADS = ("token", "feature", "both", "fine_feature")
 MAP_NORMS = ("scale", "location", "quantile")
+MEMORY_MODES = ("off", "fused", "only")
 
 
 @dataclass
@@ -57,6 +58,19 @@ class GTransConfig(MethodConfig):
         hard_fraction: each scale's loss term is the mean over the hardest ``hard_fraction`` of the batch's
             locations only (EfficientAD's hard-feature loss, per location), which spends the training on
             where the student fits worst; 0 (METHODS.md, and ``preset=paper``): the mean over all of them.
+        memory: the AGN's memory of normal patches (PatchCore-style; ``method`` module docstring): "off",
+            "fused" (the student's map and the memory's kNN distance map, each normalised on held-out
+            normals, averaged with ``memory_weight``) or "only" (the memory's map alone; the student is
+            not trained).
+        memory_scales: the teacher scales (from ``scales``) whose features the memory keeps, concatenated
+            at the finest of them (coarser ones upsampled bilinearly).
+        memory_pool: each of those feature maps is averaged over ``memory_pool`` x ``memory_pool``
+            neighbourhoods (stride 1) first, PatchCore's local aggregation; 1: none.
+        memory_ratio: the memory keeps a greedy coreset of this fraction of the fit images' patches ...
+        memory_max: ... but at most this many (rows of the bank; each costs ``4 x channels`` bytes in the
+            file and one multiply-add per channel per query patch at inference).
+        memory_weight: the memory map's weight in the fused map, w in ``(1 - w) * student + w * memory``.
+            Scoring only.
         est_images_per_s: training throughput assumed when the time budget plans the schedule (2-core
             CPU, 224 px, measured); on a slower machine the loop shortens the schedule to fit (train.schedule).
     """
@@ -87,11 +101,18 @@ class GTransConfig(MethodConfig):
     min_lr: float = 1e-6
     warmup_frac: float = 0.0
     hard_fraction: float = 0.1  # 0 -> 0.1 by a held-out rule (synthetic check better on both datasets)
+    memory: str = "off"
+    memory_scales: list[int] = field(default_factory=lambda: [0, 1])  # strides 8 and 16: PatchCore's layers 2, 3
+    memory_pool: int = 3
+    memory_ratio: float = 0.1
+    memory_max: int = 16384
+    memory_weight: float = 0.5
     est_images_per_s: float = 32.0  # our 2-core Xeon, depth 2, batch 8: 31.8-35.2 images/s (re-planned if slower)
 
     SCORING_KEYS: ClassVar[tuple[str, ...]] = MethodConfig.SCORING_KEYS + ("smoothing_sigma", "distance", "map_heads",
                                                                           "map_norm", "image_score",
-                                                                          "topk_fraction", "map_scales")
+                                                                          "topk_fraction", "map_scales",
+                                                                          "memory_weight")
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {
             "image_size": 256,
@@ -143,3 +164,22 @@ class GTransConfig(MethodConfig):
             raise ConfigError(f"est_images_per_s={self.est_images_per_s} must be positive.")
         if self.w_tok < 0 or self.w_feat < 0 or self.w_tok + self.w_feat <= 0:
             raise ConfigError(f"w_tok={self.w_tok}, w_feat={self.w_feat}: need non-negative weights, one > 0.")
+        self._validate_memory()
+
+    def _validate_memory(self) -> None:
+        check_choice("memory", self.memory, MEMORY_MODES)
+        scales = self.memory_scales
+        if not scales or len(set(scales)) != len(scales) or not set(scales) <= {0, 1, 2}:
+            raise ConfigError(f"memory_scales={scales} is not usable.", fix="give distinct values from 0, 1, 2")
+        if self.memory != "off" and not set(scales) <= set(self.scales):
+            raise ConfigError(f"memory_scales={scales} is not a subset of scales={self.scales}.",
+                              fix=f"give values from {self.scales} (the memory reads the teacher's features there)")
+        if self.memory_pool < 1 or self.memory_pool % 2 == 0:
+            raise ConfigError(f"memory_pool={self.memory_pool} must be an odd number >= 1.",
+                              fix="use 1 (no local aggregation) or e.g. 3")
+        if not 0.0 < self.memory_ratio <= 1.0:
+            raise ConfigError(f"memory_ratio={self.memory_ratio} must be in (0, 1].", fix="use e.g. 0.1")
+        if self.memory_max < 1:
+            raise ConfigError(f"memory_max={self.memory_max} must be at least 1.", fix="use e.g. 16384")
+        if not 0.0 <= self.memory_weight <= 1.0:
+            raise ConfigError(f"memory_weight={self.memory_weight} must be in [0, 1].", fix="use e.g. 0.5")

@@ -18,6 +18,13 @@ head's ``d(t_0, p_feat_0)`` at the full stride-8 grid instead;
 image score = its maximum (``image_score=topk_mean``: the mean of its top 1%).
 One teacher and one student pass per image.
 
+The AGN's memory (``memory``, :mod:`anomap.methods.gtrans.memory`): the teacher also remembers the fit
+images' patch features as a greedy coreset, built in ``prepare_fit`` from the teacher features computed
+there anyway. Its map (each cell's distance to the nearest remembered patch, divided by its held-out
+mean) replaces the student's map (``only``: the student is then not trained, and not run) or is
+averaged with it before the blur (``fused``: ``(1 - memory_weight) * student + memory_weight * memory``).
+``add_normals`` adds patches of new normal images to it without retraining.
+
 The teacher's weights are part of the method's ``state_dict``: a saved detector is self-contained
 (no user weight file is needed where it is loaded, and it keeps working if the weight package
 changes); the price is ~13 MB per file for Lite0. Pretrained weights are loaded by ``prepare_fit``;
@@ -38,8 +45,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from anomap.data.tensors import to_tensor
+from anomap.errors import ConfigError
 from anomap.methods.base import Method
 from anomap.methods.gtrans.config import GTransConfig
+from anomap.methods.gtrans.memory import GTransMemory
 from anomap.nn.efficientnet import Teacher
 from anomap.nn.filters import gaussian_blur, reduce_map
 from anomap.nn.gtrans_student import Student
@@ -88,10 +97,16 @@ class GTrans(Method):
         # are not augmented, so each image's targets never change; keyed by a hash of the image bytes
         self._cache_feats: list[Tensor] = []
         self._cache_index: dict[bytes, int] = {}
+        self.memory: GTransMemory | None = None
+        if config.memory != "off":
+            index = [self.scales.index(s) for s in sorted(config.memory_scales)]
+            self.memory = GTransMemory(index, [out_ch[k] for k in index], config.memory_pool)
 
     # --- training -------------------------------------------------------------------------------
     def stages(self, n_fit: int) -> list[Stage]:
         cfg = self.config
+        if cfg.memory == "only":
+            return []  # the map is the memory's alone: nothing to train
         steps = self.schedule_steps(cfg.epochs, n_fit, cfg.batch_size)
         steps = self.budget_steps(steps, cfg.batch_size, cfg.est_images_per_s)
         return [
@@ -107,10 +122,11 @@ class GTrans(Method):
 
     @torch.no_grad()
     def prepare_fit(self, fit_images: np.ndarray) -> None:
-        """Load the pretrained teacher, then per-channel mean/std of its features over the fit images.
+        """Load the pretrained teacher, then per-channel mean/std of its features over the fit images, and
+        the memory's bank (a coreset of their patch features) when ``memory`` is on.
 
-        The features are also kept (when they fit in ``CACHE_BYTES``) so that training runs the teacher
-        only once per image.
+        The features are also kept (when they fit in ``CACHE_BYTES`` and the student is trained) so that
+        training runs the teacher only once per image.
         """
         self.teacher.load_pretrained(self.config.teacher_weights)
         device = self.map_mean.device
@@ -120,12 +136,15 @@ class GTrans(Method):
         count = [0] * n
         self._cache_feats, self._cache_index = [], {}
         chunks: list[list[Tensor]] = [[] for _ in range(n)]
-        keep = True
+        rows: list[Tensor] = []  # the memory's patch features, standardised once the statistics are known
+        keep = self.config.memory != "only"
         for i in range(0, len(fit_images), STAT_BATCH):
             feats = self._teacher(to_tensor(fit_images[i:i + STAT_BATCH], device))
             if i == 0:
                 per_image = sum(f[0].numel() for f in feats) * 4
-                keep = per_image * len(fit_images) <= CACHE_BYTES
+                keep = keep and per_image * len(fit_images) <= CACHE_BYTES
+            if self.memory is not None:
+                rows.append(self.memory.rows(feats)[0])
             for k, f in enumerate(feats):
                 if keep:
                     chunks[k].append(f)
@@ -143,6 +162,26 @@ class GTrans(Method):
         if keep:
             self._cache_feats = [torch.cat(c) for c in chunks]
             self._cache_index = {_image_key(img): j for j, img in enumerate(fit_images)}
+        if self.memory is not None:
+            fit_rows = self.memory.standardise(torch.cat(rows), *self._feat_stats())
+            self.memory.build(fit_rows, self.config.memory_ratio, self.config.memory_max, self.config.seed)
+
+    @torch.no_grad()
+    def add_normals(self, images: Tensor) -> None:
+        """Add the patch features of normal images (float (B, C, H, W) in [0, 1]) to the memory
+        (:meth:`GTransMemory.add`: covered as tightly as the fit images, within ``memory_max`` rows).
+        The student is not retrained: with ``memory=fused`` its part of the map does not change."""
+        if self.memory is None:
+            raise ConfigError("this gtrans model has no memory (memory=off), so it cannot add normal images "
+                              "without retraining.", fix="retrain with --set memory=fused (or only), or add the "
+                              "images to train/good and retrain")
+        if not len(images):
+            return
+        device = self.map_mean.device
+        rows = [self.memory.rows(self._teacher(images[i:i + STAT_BATCH].to(device)))[0]
+                for i in range(0, len(images), STAT_BATCH)]
+        new = self.memory.standardise(torch.cat(rows), *self._feat_stats())
+        self.memory.add(new, self.config.memory_max, self.config.seed)
 
     def make_batch(self, images: np.ndarray, rng: np.random.Generator, pool: np.ndarray) -> dict[str, Tensor]:
         batch = {"image": to_tensor(images, "cpu")}
@@ -183,6 +222,11 @@ class GTrans(Method):
             feats = [F.avg_pool2d(f, k, 1, k // 2, count_include_pad=False) for f in feats]
         return feats
 
+    def _feat_stats(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The per-scale ``feat_mean{k}`` and ``feat_std{k}`` buffers."""
+        n = len(self.scales)
+        return [getattr(self, f"feat_mean{k}") for k in range(n)], [getattr(self, f"feat_std{k}") for k in range(n)]
+
     def _forward(self, x: Tensor, raw: list[Tensor] | None = None
                  ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Standardised teacher features, feature-head and token-head predictions for images in [0, 1].
@@ -213,18 +257,33 @@ class GTrans(Method):
         """Mean per-scale distance over held-out normals (token and feature heads), so that every scale
         and head weighs the same in the map; for ``map_norm=location``, its held-out mean at each
         location relative to that (shrunk toward 1 by ``LOCATION_PRIOR`` images); for ``map_norm=quantile``,
-        its ``QUANTILES`` over all locations of the held-out images."""
+        its ``QUANTILES`` over all locations of the held-out images. With a memory, its mean distance
+        over the held-out images' cells (``memory.mean_dist``). One teacher pass feeds both."""
         if not len(heldout):
             return
         n = len(self.scales)
+        student = self.config.memory != "only"
         dists: list[list[list[Tensor]]] = [[[] for _ in range(n)] for _ in range(2)]  # per head, scale: (B, h, w)
+        mem: list[Tensor] = []
         for i in range(0, len(heldout), STAT_BATCH):
-            targets, feat_preds, tok_preds = self._forward(heldout[i:i + STAT_BATCH].to(self.map_mean.device))
-            for h, preds in enumerate((tok_preds, feat_preds)):
-                for k, (t, p) in enumerate(zip(targets, preds, strict=True)):
-                    dists[h][k].append(self.distance(t, p).double())
+            x = heldout[i:i + STAT_BATCH].to(self.map_mean.device)
+            raw = self._teacher(x)
+            if self.memory is not None:
+                mem.append(self.memory.distance_map(raw, *self._feat_stats()).double())
+            if student:
+                targets, feat_preds, tok_preds = self._forward(x, raw)
+                for h, preds in enumerate((tok_preds, feat_preds)):
+                    for k, (t, p) in enumerate(zip(targets, preds, strict=True)):
+                        dists[h][k].append(self.distance(t, p).double())
+        if self.memory is not None:
+            self.memory.mean_dist.fill_(float(torch.cat(mem).mean().clamp_min(1e-12)))
+        if student:
+            self._calibrate_student(dists)
+
+    def _calibrate_student(self, dists: list[list[list[Tensor]]]) -> None:
+        """The student map's buffers from the held-out distances per head and scale (see ``calibrate``)."""
         for h, mean_buf in enumerate((self.map_mean, self.map_mean_feat)):
-            for k in range(n):
+            for k in range(len(self.scales)):
                 d = torch.cat(dists[h][k])
                 m = d.mean().clamp_min(1e-12)
                 mean_buf[k] = m.float()
@@ -237,8 +296,27 @@ class GTrans(Method):
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        size = images.shape[-2:]
-        targets, feat_preds, tok_preds = self._forward(images)
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        raw = self._teacher(images)
+        mode, w = self.config.memory, self.config.memory_weight
+        if mode == "only":
+            amap = self._memory_map(raw, size)
+        else:
+            amap = self._student_map(images, raw, size)
+            if mode == "fused":
+                amap = (1.0 - w) * amap + w * self._memory_map(raw, size)
+        amap = gaussian_blur(amap, self.config.smoothing_sigma)
+        return reduce_map(amap, self.config.image_score, self.config.topk_fraction), amap
+
+    def _memory_map(self, raw: list[Tensor], size: tuple[int, int]) -> Tensor:
+        """The memory's distances over their held-out mean, upsampled to ``size`` (B, H, W); not blurred."""
+        assert self.memory is not None
+        d = self.memory.distance_map(raw, *self._feat_stats()) / self.memory.mean_dist
+        return F.interpolate(d.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+    def _student_map(self, images: Tensor, raw: list[Tensor], size: tuple[int, int]) -> Tensor:
+        """The student's normalised discrepancy, averaged over the map's scales and heads (B, H, W); not blurred."""
+        targets, feat_preds, tok_preds = self._forward(images, raw)
         preds, means = (tok_preds, feat_preds), (self.map_mean, self.map_mean_feat)  # head 0 token, 1 feature
         norm = self.config.map_norm
         use = [k for k, s in enumerate(self.scales) if not self.config.map_scales or s in self.config.map_scales]
@@ -254,8 +332,7 @@ class GTrans(Method):
             if norm == "location":
                 a = a / _fit(getattr(self, f"map_loc{h}_{k}")[None, None], a)
             amap += F.interpolate(a, size=size, mode="bilinear", align_corners=False)[:, 0]
-        amap = gaussian_blur(amap / len(pairs), self.config.smoothing_sigma)
-        return reduce_map(amap, self.config.image_score, self.config.topk_fraction), amap
+        return amap / len(pairs)
 
     def _map_heads(self, k: int) -> tuple[int, ...]:
         """The heads (0 token, 1 feature) whose distances make scale ``k``'s part of the map."""

@@ -1,0 +1,111 @@
+"""gtrans's memory: the teacher (the AGN) also remembers normal patches, PatchCore-style.
+
+Patch features: the teacher's feature maps at ``memory_scales`` (the same maps gtrans computes for the
+student's targets, so no extra teacher pass), each averaged over ``memory_pool`` x ``memory_pool``
+neighbourhoods (PatchCore's local aggregation), the coarser ones upsampled bilinearly to the finest
+chosen grid, concatenated: one row of ``sum(channels)`` values per cell of that grid (stride 8 at the
+default ``[0, 1]``: 28 x 28 rows per 224-px image, 40 + 112 = 152 values for Lite0).
+
+Standardisation: each channel is standardised with the fit images' per-channel mean and std that
+gtrans already computes (``feat_mean{k}`` / ``feat_std{k}``) of the teacher's own features, so every
+channel weighs alike in the Euclidean kNN distance, which becomes a diagonal Mahalanobis distance under
+the fit images' spread (between PatchCore's raw L2 and PaDiM's full covariance). The mean does not
+change any L2 distance; the std reweights channels by up to about 2.5x (Lite0 on 8 mpdd_metal_plate
+images: channel std 3.6 to 8.9 at stride 8). Raw features were not measured against it. Pooling and
+bilinear upsampling are convex combinations per channel, so standardising the rows at the end gives the
+same rows as standardising the maps first; ``prepare_fit`` uses that to collect rows before the
+statistics are known.
+
+The bank is a greedy coreset (:func:`anomap.nn.memory.greedy_coreset`) of the fit images' rows:
+``memory_ratio`` of them, at most ``memory_max``; at most ``CANDIDATES_PER_ROW`` x that many rows
+(drawn at random with the seed) are candidates, which bounds the coreset's cost for large fit sets.
+The memory map is each cell's distance to its nearest bank row, divided by its mean over held-out
+normals (``mean_dist``, set by gtrans's ``calibrate``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from anomap.nn.memory import PatchMemory, greedy_coreset_radius
+
+CANDIDATES_PER_ROW = 10  # coreset candidates per bank row: all fit rows up to 10 x memory_max (163,840 rows)
+PROJ_DIM = 128  # PatchCore's random projection for the coreset's distances
+RADIUS_SLACK = 1e-3  # add() stops within this fraction of the radius: rounding must not add a fit row again
+
+
+class GTransMemory(PatchMemory):
+    """The bank plus what gtrans needs around it; see the module docstring.
+
+    Args:
+        index: positions in gtrans's feature list (its ``scales``) of the memory's scales, finest first.
+        channels: their channel counts.
+        pool: ``memory_pool``.
+    """
+
+    mean_dist: Tensor  # registered buffers
+    radius: Tensor
+
+    def __init__(self, index: list[int], channels: list[int], pool: int):
+        super().__init__(sum(channels))
+        self.index, self.pool = index, pool
+        self.register_buffer("mean_dist", torch.ones(()))
+        # the coreset's covering radius: squared projected distance of the farthest fit row from the bank
+        self.register_buffer("radius", torch.zeros(()))
+
+    def rows(self, feats: list[Tensor]) -> tuple[Tensor, tuple[int, int, int]]:
+        """Patch features (B*h*w, D) of gtrans's teacher features ``feats``, not standardised, and (B, h, w)."""
+        maps: list[Tensor] = []
+        for k in self.index:
+            f = feats[k]
+            if self.pool > 1:
+                f = F.avg_pool2d(f, self.pool, 1, self.pool // 2, count_include_pad=False)
+            if maps and f.shape[-2:] != maps[0].shape[-2:]:
+                f = F.interpolate(f, size=maps[0].shape[-2:], mode="bilinear", align_corners=False)
+            maps.append(f)
+        x = torch.cat(maps, dim=1)
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), (x.shape[0], x.shape[2], x.shape[3])
+
+    def standardise(self, rows: Tensor, means: list[Tensor], stds: list[Tensor]) -> Tensor:
+        """``rows`` (N, D) standardised per channel with gtrans's per-scale ``feat_mean`` / ``feat_std``."""
+        mean = torch.cat([means[k].flatten() for k in self.index])
+        std = torch.cat([stds[k].flatten() for k in self.index])
+        return (rows - mean) / std
+
+    def distance_map(self, feats: list[Tensor], means: list[Tensor], stds: list[Tensor]) -> Tensor:
+        """Each cell's distance to its nearest bank row (B, h, w), not normalised."""
+        rows, (_, h, w) = self.rows(feats)
+        return self(self.standardise(rows, means, stds)).reshape(-1, h, w)  # -1: the batch stays dynamic in ONNX
+
+    def build(self, rows: Tensor, ratio: float, max_rows: int, seed: int) -> None:
+        """The bank = a greedy coreset of ``ceil(ratio * N)`` (at most ``max_rows``) of ``rows`` (N, D)."""
+        n_pick = min(max_rows, max(1, math.ceil(ratio * len(rows))))
+        idx, radius = greedy_coreset_radius(rows, n_pick, PROJ_DIM, seed,
+                                            max_candidates=CANDIDATES_PER_ROW * n_pick)
+        self.set_bank(rows[idx])
+        self.radius.fill_(radius)
+
+    def add(self, rows: Tensor, max_rows: int, seed: int) -> None:
+        """Add rows (N, D) of new normal images, covering them as tightly as the bank covers the fit rows.
+
+        While there is room, the greedy k-center picks continue from the bank among ``rows`` until
+        every new row lies within the bank's covering ``radius`` (in the coreset's projection): the
+        bank's rows are all kept, so no distance to it grows. When ``max_rows`` would be exceeded, the
+        bank becomes a coreset of ``max_rows`` of its rows and the new ones together (its radius then
+        grows: every distance may change).
+        """
+        room, radius = max_rows - len(self), float(self.radius) * (1 + RADIUS_SLACK)
+        if room > 0:
+            idx, left = greedy_coreset_radius(rows, min(room, len(rows)), PROJ_DIM, seed, start=self.bank,
+                                              stop_at=radius)
+            if left <= radius or len(idx) == len(rows):
+                self.set_bank(torch.cat([self.bank, rows[idx].to(self.bank)]))
+                return
+        both = torch.cat([self.bank, rows.to(self.bank)])
+        idx, radius = greedy_coreset_radius(both, max_rows, PROJ_DIM, seed)
+        self.set_bank(both[idx])
+        self.radius.fill_(max(radius, float(self.radius)))

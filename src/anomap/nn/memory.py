@@ -1,0 +1,207 @@
+"""A memory of normal patch features: greedy coreset selection and k-nearest-neighbour distances.
+
+PatchCore (Roth et al., 2022): keep a coreset of the normal images' patch features and score a test
+patch by its distance to the nearest one. Pure torch, no data and no training logic.
+
+- :func:`greedy_coreset`: greedy k-center (farthest-point) selection on a fixed random Gaussian
+  projection of the features (PatchCore's approximate greedy coreset). Exact greedy on the projected
+  points, never an N x N matrix: a running (N,) minimum squared distance to the picked centres,
+  brought up to date *lazily* per block of ``chunk`` rows (see the function).
+- :func:`knn_distance`: the mean Euclidean distance of each query to its ``k`` nearest bank rows, as
+  ``||q||^2 - 2 q.b + ||b||^2`` with one matmul per chunk of bank rows (traces to ONNX: MatMul, Min).
+- :class:`PatchMemory`: the bank as a buffer whose row count is only known after fitting (it loads
+  from a state_dict of any size); an empty bank means "off".
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+KNN_CHUNK = 2048  # bank rows per matmul in knn_distance: (queries, KNN_CHUNK) floats at a time
+CORESET_CHUNK = 1024  # rows per lazily updated block in greedy_coreset (measured: 1024-2048 best, 2 cores)
+
+
+def project(features: Tensor, proj_dim: int, seed: int, chunk: int = 65536) -> Tensor:
+    """``features`` (N, D) times a fixed Gaussian (D, proj_dim) / sqrt(proj_dim) drawn from ``seed``
+    (a Johnson-Lindenstrauss projection: squared distances are kept in expectation). ``proj_dim <= 0``
+    or ``>= D``: the features themselves (as float32, or float64 when given float64)."""
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    d = features.shape[1]
+    if proj_dim <= 0 or proj_dim >= d:
+        return features.to(dtype)
+    g = torch.Generator().manual_seed(int(seed))
+    mat = (torch.randn(d, proj_dim, generator=g, dtype=torch.float64) / math.sqrt(proj_dim)).to(dtype)
+    mat = mat.to(features.device)
+    return torch.cat([features[i:i + chunk].to(dtype) @ mat for i in range(0, len(features), chunk)])
+
+
+def greedy_coreset(features: Tensor, n_pick: int, proj_dim: int = 128, seed: int = 0, chunk: int = CORESET_CHUNK,
+                   start: Tensor | None = None, max_candidates: int = 0) -> Tensor:
+    """Indices (n_pick,) of a greedy k-center coreset of ``features`` (N, D), in the order picked.
+
+    Greedy k-center: start from a point drawn with ``seed`` (or, with ``start`` (M, D), from those
+    rows as already chosen centres: the picks then extend that set), then repeatedly pick the point
+    farthest from all centres so far. Distances are taken after :func:`project` (``proj_dim``, the
+    same ``seed``); ``proj_dim=0`` uses the features themselves. ``max_candidates > 0``: when N is
+    larger, the picks come from that many rows drawn at random (``seed``) instead of all of them.
+
+    Lazy updates (exact, bounded memory): the points are split into blocks of ``chunk`` rows. Each
+    block keeps its points' smallest squared distance to the centres it has seen, their largest
+    value and how many centres it has seen. A new centre only lowers distances, so a stale block
+    maximum bounds the block's true one from above: the pick is the maximum of the block with the
+    largest bound once that block has seen every centre. A stale block is brought up to date with one
+    (chunk, proj_dim + 1) x (proj_dim + 1, new centres) matmul giving ``||c||^2 - 2 x.c`` directly, so
+    the work (at most N x n_pick x proj_dim multiply-adds, less when blocks fall behind the current
+    radius) runs at matmul speed instead of as one memory-bound pass over all N points per pick.
+    Memory: the projected (N, proj_dim + 1) matrix, (N,) distances and (n_pick, proj_dim + 1) centres.
+
+    Returns:
+        LongTensor of distinct indices; all of ``range(N)`` when ``n_pick >= N``.
+    """
+    return greedy_coreset_radius(features, n_pick, proj_dim, seed, chunk, start, max_candidates)[0]
+
+
+def greedy_coreset_radius(features: Tensor, n_pick: int, proj_dim: int = 128, seed: int = 0,
+                          chunk: int = CORESET_CHUNK, start: Tensor | None = None, max_candidates: int = 0,
+                          stop_at: float = -1.0) -> tuple[Tensor, float]:
+    """:func:`greedy_coreset`, and the covering radius: the squared projected distance of the farthest
+    (candidate) row from the picks and ``start`` rows (0 when every row is picked). Picking stops early,
+    with fewer than ``n_pick`` indices, once that distance is ``<= stop_at``."""
+    n = len(features)
+    n_pick = int(min(max(n_pick, 0), n))
+    if n_pick >= n and stop_at < 0:
+        return torch.arange(n), 0.0
+    if n_pick == 0:
+        return torch.zeros(0, dtype=torch.long), math.inf
+    g = torch.Generator().manual_seed(int(seed))
+    if 0 < max_candidates < n and n_pick < max_candidates:
+        keep = torch.randperm(n, generator=g)[:max_candidates].sort().values
+        idx, radius = greedy_coreset_radius(features[keep.to(features.device)], n_pick, proj_dim, seed, chunk,
+                                            start, 0, stop_at)
+        return keep[idx], radius
+    search = _Farthest(project(features, proj_dim, seed), n_pick, chunk)
+    if start is not None and len(start):
+        search.cover(project(start.to(features.device), proj_dim, seed))
+        first, radius = search.farthest()
+    else:
+        first, radius = int(torch.randint(n, (1,), generator=g)), math.inf
+    while len(search.picks) < n_pick and radius > stop_at:
+        search.add(first)
+        first, radius = search.farthest()
+    return torch.tensor(search.picks, dtype=torch.long), max(radius, 0.0)
+
+
+class _Farthest:
+    """The lazy state of :func:`greedy_coreset` over projected points ``x`` (N, p)."""
+
+    def __init__(self, x: Tensor, n_pick: int, chunk: int):
+        n = len(x)
+        self.chunk = chunk
+        self.sq = x.pow(2).sum(1)
+        self.xa = torch.cat([x, torch.ones(n, 1, dtype=x.dtype, device=x.device)], dim=1)  # rows (x, 1)
+        self.centres = torch.zeros(n_pick, x.shape[1] + 1, dtype=x.dtype, device=x.device)  # rows (-2c, |c|^2)
+        self.mind = torch.full((n,), math.inf, dtype=x.dtype, device=x.device)
+        n_blocks = math.ceil(n / chunk)
+        self.bound = torch.full((n_blocks,), math.inf, dtype=torch.float64)  # >= each block's largest distance
+        self.best = [b * chunk for b in range(n_blocks)]  # where that is, once the block is up to date
+        self.seen = [0] * n_blocks  # how many centres each block's distances include
+        self.picks: list[int] = []
+
+    def cover(self, rows: Tensor) -> None:
+        """Start from ``rows`` (M, p) as centres chosen before (they are not picks)."""
+        ra = torch.cat([-2.0 * rows, rows.pow(2).sum(1, keepdim=True)], dim=1)
+        for lo in range(0, len(self.mind), self.chunk):
+            xa = self.xa[lo:lo + self.chunk]
+            self.mind[lo:lo + self.chunk] = (xa @ ra.T).amin(1) + self.sq[lo:lo + self.chunk]
+        for b in range(len(self.seen)):
+            self._settle(b)
+
+    def farthest(self) -> tuple[int, float]:
+        """The point farthest from every centre and its squared distance: bring the block with the largest
+        bound up to date until that block has seen every centre."""
+        t = len(self.picks)
+        while True:
+            b = int(self.bound.argmax())
+            if self.seen[b] == t:
+                return self.best[b], float(self.bound[b])
+            lo = b * self.chunk
+            hi = lo + self.chunk
+            near = (self.xa[lo:hi] @ self.centres[self.seen[b]:t].T).amin(1) + self.sq[lo:hi]
+            self.mind[lo:hi] = torch.minimum(self.mind[lo:hi], near)
+            self.seen[b] = t
+            self._settle(b)
+
+    def add(self, idx: int) -> None:
+        t = len(self.picks)
+        self.centres[t, :-1] = -2.0 * self.xa[idx, :-1]
+        self.centres[t, -1] = self.sq[idx]
+        self.mind[idx] = -math.inf  # never picked again (also when every remaining point is a duplicate)
+        self.picks.append(idx)
+
+    def _settle(self, b: int) -> None:
+        lo = b * self.chunk
+        value, pos = self.mind[lo:lo + self.chunk].max(0)
+        self.bound[b], self.best[b] = float(value), lo + int(pos)
+
+
+def knn_distance(queries: Tensor, bank: Tensor, k: int = 1, chunk: int = KNN_CHUNK) -> Tensor:
+    """Mean Euclidean distance (Q,) of each query (Q, D) to its ``k`` nearest rows of ``bank`` (M, D).
+
+    Squared distances as ``||q||^2 - 2 q.b + ||b||^2``, one (Q, D) x (D, chunk) matmul per chunk of
+    bank rows, a running minimum (``k=1``) or running k smallest (``topk``) across chunks; clamped at 0
+    before the square root. Memory: (Q, chunk). Traces to ONNX (the chunk loop unrolls over the fixed
+    bank size).
+    """
+    if k < 1 or k > len(bank):
+        raise ValueError(f"k={k} needs 1 <= k <= bank rows ({len(bank)})")
+    qq = queries.pow(2).sum(1, keepdim=True)
+    best: Tensor | None = None
+    for lo in range(0, len(bank), chunk):
+        b = bank[lo:lo + chunk]
+        d = qq - 2.0 * (queries @ b.T) + b.pow(2).sum(1)[None, :]
+        if k == 1:
+            part = d.amin(1, keepdim=True)
+            best = part if best is None else torch.minimum(best, part)
+        else:
+            cand = d if best is None else torch.cat([best, d], dim=1)
+            best = cand.topk(min(k, cand.shape[1]), dim=1, largest=False).values
+    assert best is not None
+    return best.clamp_min(0).sqrt().mean(1)
+
+
+class PatchMemory(nn.Module):
+    """A bank (M, dim) of normal patch features; ``forward`` gives queries' kNN distances to it.
+
+    The bank is a buffer: it is saved with the weights, and ``load_state_dict`` takes a bank of any
+    row count (the buffer is resized first). ``len(memory) == 0`` means the memory is off.
+    """
+
+    bank: Tensor  # registered buffer
+
+    def __init__(self, dim: int, k: int = 1, chunk: int = KNN_CHUNK):
+        super().__init__()
+        self.k, self.chunk = k, chunk
+        self.register_buffer("bank", torch.zeros(0, dim))
+
+    def __len__(self) -> int:
+        return int(self.bank.shape[0])
+
+    def forward(self, queries: Tensor) -> Tensor:
+        """(Q,) mean distance of each query (Q, dim) to its ``k`` nearest bank rows (zeros: empty bank)."""
+        if not len(self):
+            return queries.new_zeros(queries.shape[0])
+        return knn_distance(queries, self.bank, min(self.k, len(self)), self.chunk)
+
+    def set_bank(self, rows: Tensor) -> None:
+        """Replace the bank by ``rows`` (M, dim), stored as float32 on the bank's device."""
+        self.bank = rows.detach().to(self.bank.device, torch.float32).contiguous()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        saved = state_dict.get(prefix + "bank")
+        if isinstance(saved, Tensor) and saved.ndim == 2 and saved.shape[1] == self.bank.shape[1]:
+            self.bank = torch.zeros(saved.shape, dtype=self.bank.dtype, device=self.bank.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
