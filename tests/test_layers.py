@@ -128,3 +128,10 @@ def test_the_checker_is_not_vacuous():
     assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _circles({"a": {"b"}, "b": set()}) == []
     assert _layer("anomap.cli.commands") > _layer("anomap.detector") > _layer("anomap.methods.base")
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_modules_stay_small(module):
+    """docs/architecture.md: files under about 400 lines, so that a module can be read in one sitting."""
+    lines = MODULES[module].read_text().count("\n")
+    assert lines <= 400, f"{MODULES[module]} has {lines} lines: split it"
