@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from anomap.data.images import load_image
+from anomap.types import Calibration
 
 TINY = {"image_size": 32, "max_steps": 6, "width": 8, "batch_size": 4, "checkpoint_every": 3,
         "device": "cpu", "min_heldout": 3, "num_threads": 1}
@@ -41,6 +45,29 @@ def make_category(root: Path, n_train: int = 12, n_good: int = 4, n_defect: int 
         Image.fromarray(img).save(root / "test/spot" / f"{i:03d}.png")
         Image.fromarray(mask).save(root / "ground_truth/spot" / f"{i:03d}_mask.png")
     return root
+
+
+def defect_masks(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """(n, size, size) bool masks: 1-3 random rectangles in each of the first n // 2 images, none after."""
+    masks = np.zeros((n, size, size), dtype=bool)
+    for i in range(n // 2):
+        for _ in range(rng.integers(1, 4)):
+            y, x = rng.integers(0, size - size // 6, 2)
+            h, w = rng.integers(2, size // 6, 2)
+            masks[i, y:y + h, x:x + w] = True
+    return masks
+
+
+class StandInDetector:
+    """What anomap.types.EvaluableDetector lists, on grey 48-px images; a subclass supplies predict_raw."""
+
+    method_name = "stand-in"
+    config = SimpleNamespace(image_size=48, eval_size=48)
+    calibration = Calibration(threshold=0.9, target_fpr=0.05, n_heldout=3)
+
+    def prepare(self, image: Path) -> tuple[np.ndarray, tuple[int, int]]:
+        arr = load_image(image, channels=1)
+        return arr, arr.shape[:2]
 
 
 def tiny_ssl_ae_with_onnx(root: Path, **export_kw) -> tuple[Path, Path, Path]:

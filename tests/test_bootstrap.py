@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from anomap.data.images import load_image
 from anomap.errors import DataError
 from anomap.metrics.bootstrap import (
     ImageSummaries,
@@ -24,18 +22,13 @@ from anomap.metrics.evaluate import PRO_LIMIT, evaluate
 from anomap.metrics.pro import aupro_exact, region_weights
 from anomap.metrics.roc import auroc, pixel_auroc
 from anomap.metrics.streaming import PixelStream
-from anomap.types import Calibration, Sample
-from conftest import make_category
+from anomap.types import Sample
+from conftest import StandInDetector, defect_masks, make_category
 
 
 def _maps(rng: np.random.Generator, n: int, size: int, shift: float = 1.0, ties: bool = False):
     """Smooth heavy-tailed noise maps; the first half of the images have 1-3 brighter rectangles."""
-    masks = np.zeros((n, size, size), dtype=bool)
-    for i in range(n // 2):
-        for _ in range(rng.integers(1, 4)):
-            y, x = rng.integers(0, size - size // 6, 2)
-            h, w = rng.integers(2, size // 6, 2)
-            masks[i, y:y + h, x:x + w] = True
+    masks = defect_masks(rng, n, size)
     maps = np.exp(3 * ndimage.gaussian_filter(rng.normal(size=masks.shape) + shift * masks, sigma=(0, 2, 2)))
     if ties:
         maps = np.round(maps, 1)
@@ -168,16 +161,10 @@ def test_edges_split_normal_top_and_defect_values() -> None:
     assert summary_edges(np.full(10, 2.0), np.zeros(0), 2.0).tolist() == [2.0]
 
 
-class _NoisyDetector:
+class _NoisyDetector(StandInDetector):
     """Brightness plus smooth noise seeded by the image: non-trivial, tie-free maps (EvaluableDetector)."""
 
     method_name = "noisy"
-    config = SimpleNamespace(image_size=48, eval_size=48)
-    calibration = Calibration(threshold=0.9, target_fpr=0.05, n_heldout=3)
-
-    def prepare(self, image: Path) -> tuple[np.ndarray, tuple[int, int]]:
-        arr = load_image(image, channels=1)
-        return arr, arr.shape[:2]
 
     def predict_raw(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps = []

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import itertools
 from fractions import Fraction
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from scipy import ndimage
 from sklearn import metrics as skm
 
-from anomap.data.images import load_image
 from anomap.metrics.curves import area_rounding_bound, downsample_curve, round_up, trapezoid
 from anomap.metrics.evaluate import evaluate
 from anomap.metrics.pro import aupro, pro_curve
@@ -28,6 +25,7 @@ from anomap.metrics.roc import (
 )
 from anomap.metrics.threshold import operating_point, threshold_at_fpr
 from anomap.types import Calibration, EvaluableDetector
+from conftest import StandInDetector
 
 
 def _random_case(rng: np.random.Generator, kind: str, n: int = 300) -> tuple[np.ndarray, np.ndarray]:
@@ -325,16 +323,11 @@ def test_operating_point_hand_made() -> None:
     assert op["fpr"] == 0.5 and op["recall"] is None and op["f1"] is None and op["precision"] == 0.0
 
 
-class _BrightnessDetector:
+class _BrightnessDetector(StandInDetector):
     """Only what anomap.types.EvaluableDetector lists: the anomaly map is the image's brightness."""
 
     method_name = "brightness"
-    config = SimpleNamespace(image_size=48, eval_size=48)
     calibration = Calibration(threshold=0.99, target_fpr=0.05, n_heldout=3)
-
-    def prepare(self, image: Path) -> tuple[np.ndarray, tuple[int, int]]:
-        arr = load_image(image, channels=1)
-        return arr, arr.shape[:2]
 
     def predict_raw(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps = images[..., 0].astype(np.float32) / 255.0

@@ -15,17 +15,13 @@ from anomap.metrics.curves import area_rounding_bound
 from anomap.metrics.pro import aupro_exact, pro_curve_exact
 from anomap.metrics.roc import BinnedROC, pixel_auroc
 from anomap.metrics.streaming import MapSpool, PixelStream, ValueSample, quantile_edges
+from conftest import defect_masks
 from test_metrics import _brute_aupro
 
 
 def _maps(rng: np.random.Generator, n: int, size: int, heavy: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Smooth noise maps with brighter rectangular defects in half the images (heavy-tailed values)."""
-    masks = np.zeros((n, size, size), dtype=bool)
-    for i in range(n // 2):
-        for _ in range(rng.integers(1, 4)):
-            y, x = rng.integers(0, size - size // 6, 2)
-            h, w = rng.integers(2, size // 6, 2)
-            masks[i, y:y + h, x:x + w] = True
+    masks = defect_masks(rng, n, size)
     maps = ndimage.gaussian_filter(rng.normal(size=masks.shape) + 1.0 * masks, sigma=(0, 2, 2))
     return (np.exp(3 * maps) if heavy else maps).astype(np.float32), masks
 
