@@ -15,6 +15,7 @@ from anomap.config import build_config
 from anomap.errors import AnomapError, ConfigError, DataError
 from anomap.export.onnx import export_onnx
 from anomap.methods.gtrans import GTrans, GTransConfig
+from anomap.metrics.threshold import CalibrationWarning
 from anomap.nn.memory import PatchMemory, greedy_coreset, greedy_coreset_radius, knn_distance, project
 from conftest import _normal, make_category
 
@@ -106,7 +107,7 @@ def test_memory_add_keeps_the_bank_while_there_is_room_and_rethins_when_full():
 
     gen = torch.Generator().manual_seed(6)
     fit, far = torch.randn(400, 4, generator=gen), torch.randn(30, 4, generator=gen) + 20.0
-    mem = GTransMemory([0], [4], 1)
+    mem = GTransMemory([0], [4], 1, grid=8)
     mem.build(fit, 0.1, 1000, seed=0)
     old, radius = mem.bank.clone(), float(mem.radius)
     assert len(old) == 40 and radius > 0
@@ -129,6 +130,8 @@ def test_memory_add_keeps_the_bank_while_there_is_room_and_rethins_when_full():
     ({"memory": "fused", "scales": [1, 2], "memory_scales": [0, 1]}, "not a subset of scales"),
     ({"memory_pool": 2}, "memory_pool"),
     ({"memory_pool": 0}, "memory_pool"),
+    ({"memory_pool_pad": "reflect"}, "memory_pool_pad"),
+    ({"memory_norm": "quantile"}, "memory_norm"),
     ({"memory_ratio": 0.0}, "memory_ratio"),
     ({"memory_ratio": 1.5}, "memory_ratio"),
     ({"memory_max": 0}, "memory_max"),
@@ -193,6 +196,33 @@ def test_fused_map_is_the_weighted_mean_of_student_and_memory_maps():
     # the memory map is normalised by its held-out mean: about 1 on the held-out images themselves
     m.config.memory, m.config.smoothing_sigma = "only", 0.0
     assert float(m.predict(held)[1].mean()) == pytest.approx(1.0, rel=0.15)
+
+
+def test_memory_norm_location_divides_each_cell_by_its_heldout_mean():
+    m, _ = _tiny_memory_model("only", smoothing_sigma=0.0)
+    held = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    feats = m._teacher(held)
+    d = m.memory.distance_map(feats, *m._feat_stats())
+    m.memory.calibrate(d, prior=0.0)  # no shrinkage: each cell's held-out mean, over the overall mean
+    torch.testing.assert_close(m.memory.mean_loc, (d.mean(0) / d.mean()).float(), rtol=1e-5, atol=1e-6)
+    loc = m.memory.normalised_map(feats, *m._feat_stats(), location=True)
+    torch.testing.assert_close(loc.mean(0), torch.ones(8, 8), rtol=1e-4, atol=1e-4)  # every cell's mean is 1
+    plain = m.memory.normalised_map(feats, *m._feat_stats(), location=False)
+    torch.testing.assert_close(plain, d / m.memory.mean_dist)
+    m.memory.calibrate(d, prior=1e9)  # an overwhelming prior: every cell at the overall mean
+    torch.testing.assert_close(m.memory.mean_loc, torch.ones(8, 8), rtol=1e-5, atol=1e-5)
+
+
+def test_memory_pool_pad_zeros_shrinks_only_the_border_cells():
+    m, imgs = _tiny_memory_model("only", memory_pool_pad="none")
+    z, _ = _tiny_memory_model("only", memory_pool_pad="zeros")
+    feats = m._teacher(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255)
+    a, (b, h, w) = m.memory.rows(feats)
+    c, _ = z.memory.rows(feats)
+    a, c = a.reshape(b, h, w, -1), c.reshape(b, h, w, -1)
+    torch.testing.assert_close(c[:, 1:-1, 1:-1, :40], a[:, 1:-1, 1:-1, :40])  # stride 8: inside, no padding
+    torch.testing.assert_close(c[:, 0, 1:-1, :40], a[:, 0, 1:-1, :40] * 6 / 9)  # an edge cell: 6 of 9 inside
+    torch.testing.assert_close(c[:, 0, 0, :40], a[:, 0, 0, :40] * 4 / 9)  # a corner: 4 of 9
 
 
 def _save_with_defect(path, size=64, seed=11):
@@ -281,7 +311,7 @@ def test_add_normals_without_the_heldout_images_keeps_the_calibration(tmp_path):
     det.info["dataset"] = str(tmp_path / "moved")
     img = tmp_path / "new.png"
     _save_with_defect(img)
-    with pytest.warns(UserWarning, match="calibration is kept"):
+    with pytest.warns(CalibrationWarning, match="held-out normal images were not found"):
         det.add_normals(img)
     assert det.calibration.to_dict() == cal and len(det.model.memory) > n_bank
     n_bank = len(det.model.memory)

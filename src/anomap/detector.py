@@ -32,7 +32,7 @@ from anomap.data.transforms import load_stack
 from anomap.errors import AnomapError, CheckpointError, ConfigError, DataError, NotFittedError
 from anomap.inference import ImageInput, Scored, prepare_image, score_images, u8_batch
 from anomap.methods.base import Method
-from anomap.metrics.threshold import calibrated_threshold
+from anomap.metrics.threshold import CalibrationWarning, calibrated_threshold
 from anomap.registry import get_method_class
 from anomap.train.checkpoint import load_checkpoint, save_checkpoint
 from anomap.train.distributed import DistContext, session, threads_per_process
@@ -177,10 +177,7 @@ class Detector:
             threshold=promise.threshold, order_k=promise.order_k, promised_fpr=promise.promised_fpr,
             fpr_upper95=promise.fpr_upper95, target_fpr=self.config.target_fpr,
             map_scale=float(np.quantile(values, 0.999)),
-            map_low=float(np.quantile(values, 0.5)),
-            n_heldout=len(scores),
-            heldout_scores=[float(s) for s in scores],
-        )
+            map_low=float(np.quantile(values, 0.5)), n_heldout=len(scores), heldout_scores=[float(s) for s in scores])
         return self.calibration
 
     def rescore(self, overrides: dict[str, Any], data: str | Path, progress: bool = False) -> Detector:
@@ -225,7 +222,9 @@ class Detector:
             if data is not None:
                 raise
             held = []  # e.g. a service far from the training data
-            warnings.warn("add_normals: the held-out images were not found, so calibration is kept", stacklevel=2)
+            warnings.warn("add_normals: the held-out normal images were not found, so the threshold and map "
+                          "normalisation are kept (pass data=the training folder to recalibrate)",
+                          CalibrationWarning, stacklevel=2)
         self.require_model().add_normals(to_tensor(np.stack(items), self.device))
         self._compiled = None  # a compiled graph holds the old state
         self.info = {**self.info, "added_normals": int(self.info.get("added_normals", 0)) + len(items)}

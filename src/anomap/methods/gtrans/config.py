@@ -14,6 +14,8 @@ DISTANCES = ("both", "l2", "cos")
 MAP_HEADS = ("token", "feature", "both", "fine_feature")
 MAP_NORMS = ("scale", "location", "quantile")
 MEMORY_MODES = ("off", "fused", "only")
+POOL_PADS = ("none", "zeros")
+MEMORY_NORMS = ("scale", "location")
 
 
 @dataclass
@@ -66,6 +68,13 @@ class GTransConfig(MethodConfig):
             at the finest of them (coarser ones upsampled bilinearly).
         memory_pool: each of those feature maps is averaged over ``memory_pool`` x ``memory_pool``
             neighbourhoods (stride 1) first, PatchCore's local aggregation; 1: none.
+        memory_pool_pad: "zeros": a border cell's average counts the cells outside the map as zeros
+            (PatchCore's ``AvgPool2d``), so the border cells' raw features shrink toward zero (by 6/9 on an
+            edge, 4/9 in a corner at pool 3); "none": only the cells inside the map are averaged.
+        memory_norm: what the memory's distances are divided by: "scale" (their mean over all cells of the
+            held-out normals) or "location" (also by each cell's held-out mean relative to that, shrunk
+            toward 1 like ``map_norm=location``: cells where normal images sit far from the memory, such as
+            the borders, count less). Scoring only.
         memory_ratio: the memory keeps a greedy coreset of this fraction of the fit images' patches ...
         memory_max: ... but at most this many (rows of the bank; each costs ``4 x channels`` bytes in the
             file and one multiply-add per channel per query patch at inference).
@@ -104,6 +113,8 @@ class GTransConfig(MethodConfig):
     memory: str = "off"
     memory_scales: list[int] = field(default_factory=lambda: [0, 1])  # strides 8 and 16: PatchCore's layers 2, 3
     memory_pool: int = 3
+    memory_pool_pad: str = "none"
+    memory_norm: str = "scale"
     memory_ratio: float = 0.1
     memory_max: int = 16384
     memory_weight: float = 0.5
@@ -112,7 +123,7 @@ class GTransConfig(MethodConfig):
     SCORING_KEYS: ClassVar[tuple[str, ...]] = MethodConfig.SCORING_KEYS + ("smoothing_sigma", "distance", "map_heads",
                                                                           "map_norm", "image_score",
                                                                           "topk_fraction", "map_scales",
-                                                                          "memory_weight")
+                                                                          "memory_weight", "memory_norm")
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {
             "image_size": 256,
@@ -177,6 +188,8 @@ class GTransConfig(MethodConfig):
         if self.memory_pool < 1 or self.memory_pool % 2 == 0:
             raise ConfigError(f"memory_pool={self.memory_pool} must be an odd number >= 1.",
                               fix="use 1 (no local aggregation) or e.g. 3")
+        check_choice("memory_pool_pad", self.memory_pool_pad, POOL_PADS)
+        check_choice("memory_norm", self.memory_norm, MEMORY_NORMS)
         if not 0.0 < self.memory_ratio <= 1.0:
             raise ConfigError(f"memory_ratio={self.memory_ratio} must be in (0, 1].", fix="use e.g. 0.1")
         if self.memory_max < 1:

@@ -14,13 +14,16 @@ change any L2 distance; the std reweights channels by up to about 2.5x (Lite0 on
 images: channel std 3.6 to 8.9 at stride 8). Raw features were not measured against it. Pooling and
 bilinear upsampling are convex combinations per channel, so standardising the rows at the end gives the
 same rows as standardising the maps first; ``prepare_fit`` uses that to collect rows before the
-statistics are known.
+statistics are known. (With ``memory_pool_pad=zeros`` a border cell's average also counts zeros outside
+the map, so its raw features shrink toward zero, by 6/9 on an edge and 4/9 in a corner at pool 3; rows
+are standardised after pooling at fit and at inference alike.)
 
 The bank is a greedy coreset (:func:`anomap.nn.memory.greedy_coreset`) of the fit images' rows:
 ``memory_ratio`` of them, at most ``memory_max``; at most ``CANDIDATES_PER_ROW`` x that many rows
 (drawn at random with the seed) are candidates, which bounds the coreset's cost for large fit sets.
 The memory map is each cell's distance to its nearest bank row, divided by its mean over held-out
-normals (``mean_dist``, set by gtrans's ``calibrate``).
+normals (``mean_dist``, set by gtrans's ``calibrate``) and, with ``memory_norm=location``, by that cell's
+own held-out mean relative to it (``mean_loc``).
 """
 
 from __future__ import annotations
@@ -45,15 +48,22 @@ class GTransMemory(PatchMemory):
         index: positions in gtrans's feature list (its ``scales``) of the memory's scales, finest first.
         channels: their channel counts.
         pool: ``memory_pool``.
+        grid: the side of the finest memory scale's map at the working size (``mean_loc``'s side).
+        pool_pad: ``memory_pool_pad``: "zeros" counts the zero padding in the border cells' averages
+            (PatchCore's ``AvgPool2d``; the border cells' raw features shrink toward zero), "none" averages
+            only the cells inside the map.
     """
 
     mean_dist: Tensor  # registered buffers
+    mean_loc: Tensor
     radius: Tensor
 
-    def __init__(self, index: list[int], channels: list[int], pool: int):
+    def __init__(self, index: list[int], channels: list[int], pool: int, grid: int, pool_pad: str = "none"):
         super().__init__(sum(channels))
-        self.index, self.pool = index, pool
+        self.index, self.pool, self.pad_zeros = index, pool, pool_pad == "zeros"
         self.register_buffer("mean_dist", torch.ones(()))
+        # memory_norm=location: each cell's held-out mean distance over mean_dist (grid x grid, shrunk toward 1)
+        self.register_buffer("mean_loc", torch.ones(grid, grid))
         # the coreset's covering radius: squared projected distance of the farthest fit row from the bank
         self.register_buffer("radius", torch.zeros(()))
 
@@ -63,7 +73,7 @@ class GTransMemory(PatchMemory):
         for k in self.index:
             f = feats[k]
             if self.pool > 1:
-                f = F.avg_pool2d(f, self.pool, 1, self.pool // 2, count_include_pad=False)
+                f = F.avg_pool2d(f, self.pool, 1, self.pool // 2, count_include_pad=self.pad_zeros)
             if maps and f.shape[-2:] != maps[0].shape[-2:]:
                 f = F.interpolate(f, size=maps[0].shape[-2:], mode="bilinear", align_corners=False)
             maps.append(f)
@@ -80,6 +90,23 @@ class GTransMemory(PatchMemory):
         """Each cell's distance to its nearest bank row (B, h, w), not normalised."""
         rows, (_, h, w) = self.rows(feats)
         return self(self.standardise(rows, means, stds)).reshape(-1, h, w)  # -1: the batch stays dynamic in ONNX
+
+    def calibrate(self, dists: Tensor, prior: float) -> None:
+        """``mean_dist`` and ``mean_loc`` from the held-out normals' distance maps ``dists`` (B, h, w); each cell's
+        mean is shrunk toward ``mean_dist`` as if ``prior`` more images had given exactly that there."""
+        d = dists.double()
+        m = d.mean().clamp_min(1e-12)
+        self.mean_dist.fill_(float(m))
+        if d.shape[-2:] == self.mean_loc.shape:
+            at = (d.sum(dim=0) + prior * m) / (len(d) + prior)
+            self.mean_loc.copy_((at / m).clamp_min(1e-3).to(self.mean_loc))
+
+    def normalised_map(self, feats: list[Tensor], means: list[Tensor], stds: list[Tensor], location: bool) -> Tensor:
+        """The distance map over ``mean_dist`` (B, h, w), and with ``location`` over ``mean_loc`` as well."""
+        d = self.distance_map(feats, means, stds) / self.mean_dist
+        if location and d.shape[-2:] == self.mean_loc.shape:
+            d = d / self.mean_loc
+        return d
 
     def build(self, rows: Tensor, ratio: float, max_rows: int, seed: int) -> None:
         """The bank = a greedy coreset of ``ceil(ratio * N)`` (at most ``max_rows``) of ``rows`` (N, D)."""

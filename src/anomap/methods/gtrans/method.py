@@ -100,7 +100,9 @@ class GTrans(Method):
         self.memory: GTransMemory | None = None
         if config.memory != "off":
             index = [self.scales.index(s) for s in sorted(config.memory_scales)]
-            self.memory = GTransMemory(index, [out_ch[k] for k in index], config.memory_pool)
+            grid = config.image_size // strides[index[0]]
+            self.memory = GTransMemory(index, [out_ch[k] for k in index], config.memory_pool, grid,
+                                       config.memory_pool_pad)
 
     # --- training -------------------------------------------------------------------------------
     def stages(self, n_fit: int) -> list[Stage]:
@@ -276,7 +278,7 @@ class GTrans(Method):
                     for k, (t, p) in enumerate(zip(targets, preds, strict=True)):
                         dists[h][k].append(self.distance(t, p).double())
         if self.memory is not None:
-            self.memory.mean_dist.fill_(float(torch.cat(mem).mean().clamp_min(1e-12)))
+            self.memory.calibrate(torch.cat(mem), LOCATION_PRIOR)
         if student:
             self._calibrate_student(dists)
 
@@ -311,7 +313,7 @@ class GTrans(Method):
     def _memory_map(self, raw: list[Tensor], size: tuple[int, int]) -> Tensor:
         """The memory's distances over their held-out mean, upsampled to ``size`` (B, H, W); not blurred."""
         assert self.memory is not None
-        d = self.memory.distance_map(raw, *self._feat_stats()) / self.memory.mean_dist
+        d = self.memory.normalised_map(raw, *self._feat_stats(), self.config.memory_norm == "location")
         return F.interpolate(d.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
 
     def _student_map(self, images: Tensor, raw: list[Tensor], size: tuple[int, int]) -> Tensor:
