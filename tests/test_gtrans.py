@@ -16,7 +16,7 @@ from anomap.train.resume import check_compatible
 from conftest import _normal
 
 TINY = {"image_size": 64, "tr_dim": 32, "tr_depth": 1, "tr_heads": 2, "batch_size": 4, "lr": 2e-3,
-        "smoothing_sigma": 1.0, "device": "cpu", "num_threads": 1}
+        "smoothing_sigma": 1.0, "device": "cpu", "num_threads": 1, "memory": "off"}  # the student alone
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -124,7 +124,6 @@ def test_memory_add_keeps_the_bank_while_there_is_room_and_rethins_when_full():
 
 @pytest.mark.parametrize("values,match", [
     ({"memory": "on"}, "memory='on'"),
-    ({"memory_scales": []}, "memory_scales"),
     ({"memory_scales": [0, 0]}, "memory_scales"),
     ({"memory_scales": [3]}, "memory_scales"),
     ({"memory": "fused", "scales": [1, 2], "memory_scales": [0, 1]}, "not a subset of scales"),
@@ -142,7 +141,9 @@ def test_memory_options_reject_bad_values_in_one_line(values, match):
     with pytest.raises(ConfigError, match=match) as err:
         build_config(GTransConfig, values)
     assert "\n" not in str(err.value)
-    assert build_config(GTransConfig, {"scales": [1, 2]}).memory == "off"  # off: memory_scales are not read
+    assert build_config(GTransConfig, {"scales": [1, 2]}).memory_scales_used == [1]  # []: the trained ones of 0, 1
+    assert build_config(GTransConfig, {"scales": [2]}).memory_scales_used == [2]  # else the finest trained
+    assert build_config(GTransConfig, {}).memory_scales_used == [0, 1]
 
 
 def _tiny_memory_model(mode: str, n_fit: int = 10, **over) -> tuple[GTrans, np.ndarray]:
@@ -155,14 +156,14 @@ def _tiny_memory_model(mode: str, n_fit: int = 10, **over) -> tuple[GTrans, np.n
 
 
 def test_bank_is_a_coreset_of_the_fit_patches_and_off_has_none():
-    m, imgs = _tiny_memory_model("fused", memory_ratio=0.25)
+    m, imgs = _tiny_memory_model("fused", memory_ratio=0.25, memory_pool_pad="none")
     assert m.memory is not None and m.memory.bank.shape == (int(np.ceil(0.25 * 10 * 64)), 40 + 112)
     rows, shape = m.memory.rows(m._teacher(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255))
     assert shape == (10, 8, 8) and rows.shape == (640, 152)  # stride-8 grid, stride 16 upsampled onto it
     fit = m.memory.standardise(rows, *m._feat_stats())
     assert max(float((fit - b).abs().sum(1).min()) for b in m.memory.bank) < 1e-3  # bank rows are fit rows
-    # pooling and upsampling mix each channel convexly: standardising the rows at the end (as prepare_fit
-    # must, before the statistics are known) is standardising the teacher's maps first
+    # without the zero padding, pooling and upsampling mix each channel convexly: standardising the rows at
+    # the end (as prepare_fit must, before the statistics are known) is standardising the teacher's maps first
     means, stds = m._feat_stats()
     feats = m._teacher(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255)
     first = m.memory.rows([(f - mu) / sd for f, mu, sd in zip(feats, means, stds, strict=True)])[0]
@@ -327,7 +328,7 @@ def test_add_normals_without_the_heldout_images_keeps_the_calibration(tmp_path):
 
 def test_add_normals_is_refused_without_a_memory(tmp_path):
     data = make_category(tmp_path / "cat", size=64)
-    det = anomap.create("gtrans", **TINY, max_steps=1).fit(data, progress=False)
+    det = anomap.create("gtrans", **TINY, max_steps=1, memory="off").fit(data, progress=False)
     img = sorted((data / "test/good").glob("*.png"))[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -65,7 +65,8 @@ class GTransConfig(MethodConfig):
             normals, averaged with ``memory_weight``) or "only" (the memory's map alone; the student is
             not trained).
         memory_scales: the teacher scales (from ``scales``) whose features the memory keeps, concatenated
-            at the finest of them (coarser ones upsampled bilinearly).
+            at the finest of them (coarser ones upsampled bilinearly); [] (default): the trained scales
+            among 0 and 1 (strides 8 and 16, PatchCore's layers), else the finest trained scale.
         memory_pool: each of those feature maps is averaged over ``memory_pool`` x ``memory_pool``
             neighbourhoods (stride 1) first, PatchCore's local aggregation; 1: none.
         memory_pool_pad: "zeros": a border cell's average counts the cells outside the map as zeros
@@ -111,7 +112,7 @@ class GTransConfig(MethodConfig):
     warmup_frac: float = 0.0
     hard_fraction: float = 0.1  # 0 -> 0.1 by a held-out rule (synthetic check better on both datasets)
     memory: str = "off"
-    memory_scales: list[int] = field(default_factory=lambda: [0, 1])  # strides 8 and 16: PatchCore's layers 2, 3
+    memory_scales: list[int] = field(default_factory=list)  # []: [0, 1] = strides 8 and 16 when trained
     memory_pool: int = 3
     memory_pool_pad: str = "none"
     memory_norm: str = "scale"
@@ -177,10 +178,17 @@ class GTransConfig(MethodConfig):
             raise ConfigError(f"w_tok={self.w_tok}, w_feat={self.w_feat}: need non-negative weights, one > 0.")
         self._validate_memory()
 
+    @property
+    def memory_scales_used(self) -> list[int]:
+        """``memory_scales``, or for [] the trained scales among 0 and 1 (else the finest trained scale); sorted."""
+        if self.memory_scales:
+            return sorted(self.memory_scales)
+        return sorted(s for s in self.scales if s in (0, 1)) or [min(self.scales)]
+
     def _validate_memory(self) -> None:
         check_choice("memory", self.memory, MEMORY_MODES)
         scales = self.memory_scales
-        if not scales or len(set(scales)) != len(scales) or not set(scales) <= {0, 1, 2}:
+        if len(set(scales)) != len(scales) or not set(scales) <= {0, 1, 2}:
             raise ConfigError(f"memory_scales={scales} is not usable.", fix="give distinct values from 0, 1, 2")
         if self.memory != "off" and not set(scales) <= set(self.scales):
             raise ConfigError(f"memory_scales={scales} is not a subset of scales={self.scales}.",

@@ -99,7 +99,7 @@ class GTrans(Method):
         self._cache_index: dict[bytes, int] = {}
         self.memory: GTransMemory | None = None
         if config.memory != "off":
-            index = [self.scales.index(s) for s in sorted(config.memory_scales)]
+            index = [self.scales.index(s) for s in config.memory_scales_used]
             grid = config.image_size // strides[index[0]]
             self.memory = GTransMemory(index, [out_ch[k] for k in index], config.memory_pool, grid,
                                        config.memory_pool_pad)
