@@ -53,3 +53,10 @@ def reduce_map(maps: Tensor, kind: str, fraction: float = 0.01) -> Tensor:
     if kind == "topk_mean":
         return topk_mean(maps, fraction)
     raise ValueError(f"unknown image score {kind!r}")
+
+
+def location_ratio(maps: Tensor, mean: Tensor, prior: float) -> Tensor:
+    """Each location's mean over ``maps`` (B, h, w) relative to ``mean``, shrunk toward 1 as if ``prior`` more
+    maps had given exactly ``mean`` there; (h, w), at least 1e-3 (the per-location normalisation of held-out maps)."""
+    at = (maps.sum(dim=0) + prior * mean) / (len(maps) + prior)
+    return (at / mean).clamp_min(1e-3)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from anomap.nn.filters import location_ratio
 from anomap.nn.memory import PatchMemory, greedy_coreset_radius
 
 CANDIDATES_PER_ROW = 10  # coreset candidates per bank row: all fit rows up to 10 x memory_max (163,840 rows)
@@ -98,8 +99,7 @@ class GTransMemory(PatchMemory):
         m = d.mean().clamp_min(1e-12)
         self.mean_dist.fill_(float(m))
         if d.shape[-2:] == self.mean_loc.shape:
-            at = (d.sum(dim=0) + prior * m) / (len(d) + prior)
-            self.mean_loc.copy_((at / m).clamp_min(1e-3).to(self.mean_loc))
+            self.mean_loc.copy_(location_ratio(d, m, prior).to(self.mean_loc))
 
     def normalised_map(self, feats: list[Tensor], means: list[Tensor], stds: list[Tensor], location: bool) -> Tensor:
         """The distance map over ``mean_dist`` (B, h, w), and with ``location`` over ``mean_loc`` as well."""

@@ -50,7 +50,7 @@ from anomap.methods.base import Method
 from anomap.methods.gtrans.config import GTransConfig
 from anomap.methods.gtrans.memory import GTransMemory
 from anomap.nn.efficientnet import Teacher
-from anomap.nn.filters import gaussian_blur, reduce_map
+from anomap.nn.filters import gaussian_blur, location_ratio, reduce_map
 from anomap.nn.gtrans_student import Student
 from anomap.registry import register
 from anomap.train.schedule import Stage, cosine_factor
@@ -293,8 +293,8 @@ class GTrans(Method):
                 self.map_quant[h, k, 0] = float(q_a)
                 self.map_quant[h, k, 1] = float(max(q_b, q_a + 1e-12 * max(abs(q_a), 1.0)))
                 buf = getattr(self, f"map_loc{h}_{k}")
-                at = (d.sum(dim=0) + LOCATION_PRIOR * m) / (len(d) + LOCATION_PRIOR)
-                buf.copy_(_fit(at[None, None] / m, buf[None, None])[0, 0].clamp_min(1e-3).float())
+                ratio = location_ratio(d, m, LOCATION_PRIOR)
+                buf.copy_(_fit(ratio[None, None], buf[None, None])[0, 0].clamp_min(1e-3).float())
 
     @torch.no_grad()
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
