@@ -9,6 +9,9 @@ process's resident memory (VmRSS from /proc/PID/status) after warm-up, at its pe
     python benchmarks/serve_load.py --model runs/demo/model.safetensors --rate 20 --duration 600 \\
         --requests 100000 --concurrency 8          # a 10-minute soak at 20 requests/s
 
+For a soak, the server's RSS after ``--rss-skip`` seconds is fitted with a straight line (the last sample
+of every minute, least squares) and the slope is reported in MiB per hour with its 95% interval.
+
 Only loopback addresses are accepted as targets. Nothing is written unless --json is given.
 """
 
@@ -45,6 +48,21 @@ def rss_mib(pid: int) -> float | None:
     return None
 
 
+def rss_slope(trace: list[tuple[float, float]], skip_s: float) -> dict[str, float | int] | None:
+    """Least-squares slope of the last RSS sample of every minute after ``skip_s``, in MiB per hour, with
+    its 95% t-interval; None with fewer than 5 minutes."""
+    from scipy import stats
+
+    last = {int(t // 60): (t, m) for t, m in trace if t >= skip_s}
+    if len(last) < 5:
+        return None
+    t, m = np.array([v[0] for v in last.values()]) / 3600.0, np.array([v[1] for v in last.values()])
+    fit = stats.linregress(t, m)
+    half = float(stats.t.ppf(0.975, len(t) - 2) * fit.stderr)
+    return {"slope": round(float(fit.slope), 2), "low": round(float(fit.slope) - half, 2),
+            "high": round(float(fit.slope) + half, 2), "points": len(t)}
+
+
 def loopback_only(url: str) -> str:
     host = urlparse(url).hostname or ""
     try:
@@ -78,6 +96,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
            "--queue", str(args.queue)]
     if args.backend:
         cmd += ["--backend", args.backend]
+    cmd += ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms)]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -147,7 +166,11 @@ def main() -> int:
     src.add_argument("--model", help="model file: start `anomap serve MODEL` on a free loopback port")
     src.add_argument("--url", help="an already running server on this machine (loopback only)")
     ap.add_argument("--pid", type=int, help="with --url: the server's process id, for its memory")
-    ap.add_argument("--backend", choices=["torch", "onnx"])
+    ap.add_argument("--backend", choices=["auto", "torch", "onnx"], help="server --backend (default: the server's)")
+    ap.add_argument("--max-batch", type=int, default=8, help="server --max-batch (default 8)")
+    ap.add_argument("--max-wait-ms", type=float, default=5.0, help="server --max-wait-ms (default 5)")
+    ap.add_argument("--rss-skip", type=float, default=120.0, help="seconds of the measured load left out of the "
+                    "RSS slope fit (default 120)")
     ap.add_argument("--threads", type=int, default=2, help="server inference threads (default 2)")
     ap.add_argument("--server-concurrency", type=int, default=1, help="server --concurrency (default 1)")
     ap.add_argument("--queue", type=int, default=16, help="server --queue (default 16)")
@@ -172,6 +195,7 @@ def main() -> int:
     else:
         url, pid = loopback_only(args.url), args.pid
     try:
+        health = httpx.get(url + "/healthz", timeout=10).json()
         image = test_image(args.image, args.size)
         warm = Load(url, image, argparse.Namespace(**{**vars(args), "requests": args.warmup, "rate": 0.0}))
         warm.run()
@@ -214,12 +238,14 @@ def main() -> int:
         "rate": args.rate or None, "wall_s": round(wall, 2), "requests_per_s": round(n / wall, 2) if wall else None,
         "latency_ms": {q: round(float(np.percentile(lat, p)), 2) if n else None
                        for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
-        "image_bytes": len(image[1]), "heatmap": args.heatmap,
+        "image_bytes": len(image[1]), "heatmap": args.heatmap, "backend": health.get("backend"),
+        "batching": health.get("batching"),
         "server_rss_mib": {k: round(v, 1) if v is not None else None for k, v in rss.items()},
         # the last RSS sample of every minute of the measured load: a leak keeps rising, warm-up levels off
         "rss_by_minute_mib": [round(m, 1) for _, m in
                               {int(t // 60): (t, m) for t, m in trace}.values()],
     }
+    result["rss_slope_mib_per_hour"] = rss_slope(trace, args.rss_skip)
     r = result["server_rss_mib"]
     growth = None if r["end"] is None or r["after_warmup"] is None else round(r["end"] - r["after_warmup"], 1)
     result["server_rss_mib"]["growth_after_warmup"] = growth
@@ -232,6 +258,10 @@ def main() -> int:
           f"(growth {growth})")
     if result["rss_by_minute_mib"]:
         print("server RSS MiB at the end of each minute: " + " ".join(map(str, result["rss_by_minute_mib"])))
+    if (slope := result["rss_slope_mib_per_hour"]) is not None:
+        print(f"server RSS slope after {args.rss_skip:g} s: {slope['slope']} MiB/h, 95% interval "
+              f"[{slope['low']}, {slope['high']}] over {slope['points']} minutes")
+    print(f"served by: {result['backend']}, batching {result['batching']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0 if n and ok == n else 1

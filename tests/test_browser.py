@@ -48,14 +48,15 @@ def served(tmp_path_factory, monkeypatch_module):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(backend, api_key=""), log_level="warning"))
+    feedback = root.parent / "feedback"
+    server = uvicorn.Server(uvicorn.Config(create_app(backend, api_key="", feedback_dir=feedback), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert server.started, "uvicorn did not start within 20 s"
-    yield f"http://127.0.0.1:{port}/", root, backend
+    yield f"http://127.0.0.1:{port}/", root, backend, feedback
     server.should_exit = True
     thread.join(10)
     sock.close()
@@ -83,7 +84,7 @@ def page():
 
 
 def test_page_upload_overlay_score_and_slider(served, page, tmp_path):
-    url, root, backend = served
+    url, root, backend, _ = served
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
@@ -126,8 +127,29 @@ def test_page_upload_overlay_score_and_slider(served, page, tmp_path):
     assert not errors, errors
 
 
+def test_feedback_buttons_store_the_verdicts(served, page):
+    from anomap.feedback import FeedbackStore
+
+    url, root, _, feedback = served
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    expect(page.locator("#model")).to_contain_text("ssl_ae")
+    images = [root / "test" / "good" / "000.png", root / "test" / "spot" / "001.png"]
+    page.set_input_files("#file", [str(p) for p in images])
+    cards = page.locator(".card")
+    expect(cards).to_have_count(2)
+    cards.nth(0).locator(".mark-ok").click()
+    expect(cards.nth(0).locator(".feedback-status")).to_have_text("saved as OK")
+    cards.nth(1).locator(".mark-defect").click()
+    expect(cards.nth(1).locator(".feedback-status")).to_have_text("saved as defect")
+    records = {r.label: r.verdict for r in FeedbackStore(feedback).records()}
+    assert records == {"000.png": "normal", "001.png": "anomalous"}
+    assert not errors, errors
+
+
 def test_api_docs_render_offline(served, page):
-    url, _, _ = served
+    url, _, _, _ = served
     outside: list[str] = []
     page.on("request", lambda req: outside.append(req.url) if not req.url.startswith(url) else None)
     page.goto(url + "docs")

@@ -18,10 +18,10 @@ LAYERS: list[tuple[str, int]] = [
     ("anomap.errors", 0), ("anomap._version", 0), ("anomap.types", 0), ("anomap.fileio", 0),
     ("anomap.registry", 0), ("anomap.config", 0),
     ("anomap.nn", 1), ("anomap.data", 1),
-    ("anomap.metrics", 2), ("anomap.train", 2),
+    ("anomap.metrics", 2), ("anomap.train", 2), ("anomap.feedback", 2),
     ("anomap.methods", 3),
     ("anomap.inference", 4), ("anomap.compiled", 4), ("anomap.detector", 4),
-    ("anomap.runtime", 5), ("anomap.export", 5), ("anomap.report", 5),
+    ("anomap.runtime", 5), ("anomap.export", 5), ("anomap.report", 5), ("anomap.update", 5),
     ("anomap", 6), ("anomap.bench", 6), ("anomap.serve", 6), ("anomap.__main__", 7),
     ("anomap.cli", 7),
 ]

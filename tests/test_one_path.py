@@ -1,5 +1,7 @@
 """One image, four front doors, one score: the Python API (``Detector.predict``), ``anomap predict`` (CSV),
-the ONNX backend and the service all prepare and score through :func:`anomap.inference.score_images`."""
+the ONNX backend and the service all prepare through :func:`anomap.inference.prepare_image` (the first
+three inside :func:`anomap.inference.score_images`; the service in each request's thread before its
+dynamic batch) and score with the backend's ``predict_prepared``."""
 
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def calls(monkeypatch) -> list[int]:
-    """Counts the images prepared by score_images: a front door that does not go through it adds nothing."""
+    """Counts the images prepared by prepare_image: a front door that does not go through it adds nothing."""
     seen: list[int] = []
     real = inference.prepare_image
 
@@ -90,7 +92,7 @@ def test_one_image_gets_the_same_score_through_every_front_door(models, tmp_path
     for name, door in doors.items():
         before = len(calls)
         got[name] = door()
-        assert len(calls) == before + 1, f"{name} did not prepare its image through score_images"
+        assert len(calls) == before + 1, f"{name} did not prepare its image through prepare_image"
     ref, verdict = got["api"]
     for name in ("cli", "service (torch)"):  # the same PyTorch model on the same prepared bytes
         assert got[name][0] == pytest.approx(ref, rel=1e-6, abs=1e-9), name

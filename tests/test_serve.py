@@ -263,7 +263,7 @@ class BlockingBackend(Backend):
 def test_overload_gives_503_fast(backend):
     stub = BlockingBackend()
     body = files(("x.png", png(image(12))))
-    with TestClient(create_app(stub, limits=Limits(concurrency=1, queue=0))) as c:
+    with TestClient(create_app(stub, limits=Limits(concurrency=1, queue=0, max_batch=1))) as c:
         first: dict = {}
         t = threading.Thread(target=lambda: first.update(r=c.post("/v1/predict", files=body)))
         t.start()
@@ -283,7 +283,7 @@ def test_overload_gives_503_fast(backend):
 def test_timeout_504_keeps_admission_until_work_ends():
     stub = BlockingBackend()
     body = files(("x.png", png(image(13))))
-    with TestClient(create_app(stub, limits=Limits(timeout_s=1.0, concurrency=1, queue=1))) as c:
+    with TestClient(create_app(stub, limits=Limits(timeout_s=1.0, concurrency=1, queue=1, max_batch=1))) as c:
         try:
             first: dict = {}
             t = threading.Thread(target=lambda: first.update(r=c.post("/v1/predict", files=body)))

@@ -1,4 +1,4 @@
-"""The ``anomap`` command line: methods | fit | predict | evaluate | report | export | serve | bench | demo.
+"""The ``anomap`` command line: methods | fit | predict | evaluate | report | export | serve | update | bench | demo.
 
 :mod:`anomap.cli.parser` defines the arguments, :mod:`anomap.cli.commands` carries them out.
 """

@@ -277,32 +277,56 @@ def cmd_bench(args: argparse.Namespace) -> int:
                      runs_dir=Path(args.runs_dir), max_minutes=args.max_minutes, label=args.label)
 
 
+def cmd_update(args: argparse.Namespace) -> int:
+    from anomap.update import format_report, update_model, write_json
+
+    _need(args.model, "model file", "give the .safetensors model the feedback is about")
+    _check_device(args)
+    _writable(args.out, "output model file")
+    _writable(args.json, "JSON report file")
+    report = update_model(args.model, args.feedback, args.out, data=args.data, device=args.device,
+                          progress=not args.quiet)
+    print(format_report(report))
+    if args.json:
+        write_json(args.json, report)
+    print(f"saved {args.out} ({report['seconds']:.1f} s)" + (f"; report: {args.json}" if args.json else ""))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from anomap.errors import ConfigError
 
     try:
         import uvicorn
 
-        from anomap.serve.app import API_KEY_ENV, create_app
+        from anomap.serve.app import API_KEY_ENV, backend_label, create_app
         from anomap.serve.limits import Limits
     except ImportError as e:
         raise ConfigError(f"`anomap serve` needs the serve extra ({e.name} is not installed).",
                           fix="pip install 'anomap[serve]'") from None
-    from anomap.runtime.backend import DEFAULT_BATCH, load_backend
+    from anomap.runtime.backend import DEFAULT_BATCH, Backend
+    from anomap.serve.fastest import open_fastest
     from anomap.train.runtime import set_threads
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port} is not a TCP port.", fix="give a port from 1 to 65535, e.g. 8000")
     limits = Limits(max_bytes=args.max_bytes, max_pixels=args.max_pixels, max_files=args.max_files,
-                    timeout_s=args.timeout, concurrency=args.concurrency, queue=args.queue)
+                    timeout_s=args.timeout, concurrency=args.concurrency, queue=args.queue,
+                    max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
     set_threads(args.threads)
     if args.compile:
         print("anomap serve: compiling the model for batches of 1 (tens of seconds, once)...", file=sys.stderr)
-    backend = load_backend(args.model, args.backend, device=args.device, threads=args.threads,
-                           batch_size=1 if args.compile else DEFAULT_BATCH, compile=args.compile)
-    app = create_app(backend, limits=limits, cors_origins=args.cors_origin or ())
+
+    def loader() -> Backend:  # start-up, POST /v1/reload and SIGHUP open the model the same way
+        return open_fastest(args.model, None if args.backend == "auto" else args.backend, device=args.device,
+                            threads=args.threads, batch_size=1 if args.compile else DEFAULT_BATCH,
+                            compile=args.compile)
+
+    backend = loader()
+    app = create_app(backend, limits=limits, cors_origins=args.cors_origin or (), feedback_dir=args.feedback_dir,
+                     loader=loader, sighup=True)
     keyed = bool(os.environ.get(API_KEY_ENV))
-    print(f"anomap serve: {backend.method} ({backend.name} backend) on http://{args.host}:{args.port}/ "
+    print(f"anomap serve: {backend.method} ({backend_label(backend)}) on http://{args.host}:{args.port}/ "
           f"(API docs /docs); API key {'required' if keyed else 'not required'}", file=sys.stderr)
     if not keyed and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"anomap serve: warning: listening on {args.host} without an API key; set {API_KEY_ENV} to "

@@ -14,6 +14,7 @@ from anomap.cli.commands import (
     cmd_predict,
     cmd_report,
     cmd_serve,
+    cmd_update,
 )
 
 EPILOG = "Config: --config FILE.yaml and/or --set key=value (repeatable, strict: unknown keys are errors)."
@@ -122,12 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="prediction service (REST API + web page) for one model",
-                       description="anomap serve MODEL: POST /v1/predict, GET /v1/model, GET /healthz, docs at "
+                       description="anomap serve MODEL: POST /v1/predict, GET /v1/model, GET /healthz, GET /metrics "
+                       "(Prometheus), POST /v1/feedback, POST /v1/reload (or SIGHUP: load MODEL again), docs at "
                        "/docs, web page at /. Set ANOMAP_API_KEY to require the X-API-Key header on /v1/*.")
     p.add_argument("model", help="trained .safetensors file or exported .onnx file")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--backend", choices=["torch", "onnx"], help="runtime (default: onnx for a .onnx model, else torch)")
+    p.add_argument("--backend", choices=["auto", "torch", "onnx"], default="auto", help="runtime (default auto: "
+                   "the fastest the model has; a .safetensors model on the CPU is exported to ONNX at start-up, "
+                   "parity checked, and served by onnxruntime when it is installed; else PyTorch)")
     p.add_argument("--device", help="cpu, cuda or auto (torch backend)")
     p.add_argument("--threads", type=int, default=2, help="torch/onnxruntime threads per inference (default 2)")
     p.add_argument("--compile", action="store_true", help="torch backend: compile the model with torch.compile "
@@ -137,13 +141,35 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 20000000)")
     p.add_argument("--max-files", type=int, default=16, help="most images per request (default 16)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request before 504 (default 30)")
-    p.add_argument("--concurrency", type=int, default=1, help="requests scored at the same time (default 1)")
-    p.add_argument("--queue", type=int, default=16, help="requests that may wait beyond those; more get 503 "
-                   "at once (default 16)")
+    p.add_argument("--concurrency", type=int, default=1, help="batches scored at the same time (default 1)")
+    p.add_argument("--max-batch", type=int, default=8, help="dynamic batching: a batch closes at this many images "
+                   "(default 8; 1 = every request alone)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="... or this long after its oldest request "
+                   "arrived (default 5)")
+    p.add_argument("--queue", type=int, default=16, help="requests that may wait beyond concurrency x max-batch; "
+                   "more get 503 at once (default 16)")
+    p.add_argument("--feedback-dir", metavar="DIR", help="store operators' verdicts from POST /v1/feedback and "
+                   "the page's buttons here (default: feedback off); fold them in with `anomap update`")
     p.add_argument("--cors-origin", action="append", metavar="ORIGIN", help="allow browser calls from this "
                    "origin, e.g. https://line.example.com (repeatable; default: CORS off)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("update", help="fold operator feedback (confirmed false alarms) into a model, no retraining",
+                       description="anomap update MODEL --feedback DIR --out NEW: the feedback's normal records go "
+                       "into the memory of a method that has one (then it is recalibrated on its held-out normals); "
+                       "a method without one is recalibrated on its held-out normals plus them. Prints what changed "
+                       "on the held-out normals, the feedback normals and the confirmed defects (docs/deploy.md).")
+    p.add_argument("model", help="the .safetensors model to update (an .onnx export: update its source, export again)")
+    p.add_argument("--feedback", required=True, action="extend", nargs="+", metavar="DIR",
+                   help="feedback folder(s) written by `anomap serve --feedback-dir` (repeatable)")
+    p.add_argument("--out", required=True, help="the updated model (may be MODEL itself: written atomically)")
+    p.add_argument("--data", help="the training folder, for the held-out normals (default: the one recorded in "
+                   "the model)")
+    p.add_argument("--json", help="also write the report (with every record's scores) to this JSON file")
+    p.add_argument("--device", help="cpu, cuda or auto")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_update)
 
     p = sub.add_parser("bench", help="train + evaluate method x dataset pairs; Markdown rows, suite means with "
                        "bootstrap intervals; --compare two benches",

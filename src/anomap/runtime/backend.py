@@ -62,6 +62,8 @@ class Backend:
         calibration: threshold, target_fpr and the heat-map range from held-out normal images.
         meta: JSON-able description: method, config, calibration, info, anomap_version.
         path: the model file (None for an in-memory detector).
+        source: the file the model was converted from at start-up (an ONNX export of a ``.safetensors``
+            model made by ``anomap serve``), else None.
         batch_size: images per model call in :meth:`score`.
     """
 
@@ -72,6 +74,7 @@ class Backend:
     calibration: Calibration
     meta: dict[str, Any]
     path: Path | None = None
+    source: Path | None = None
     batch_size: int = DEFAULT_BATCH
 
     def predict_prepared(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

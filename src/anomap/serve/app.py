@@ -2,16 +2,18 @@
 
 ``create_app("model.safetensors")`` gives an ASGI app with
 
-- ``POST /v1/predict``: one or several images as multipart upload -> score, verdict and threshold per
-  image, the heat-map overlay as a PNG data URI with ``?heatmap=true``, the threshold set per request
-  with ``?threshold=``;
+- ``POST /v1/predict``: one or several images as multipart upload -> score, verdict, threshold and an
+  ``id`` per image, the heat-map overlay as a PNG data URI with ``?heatmap=true``, the threshold set per
+  request with ``?threshold=``; concurrent requests are scored together (dynamic batching,
+  :mod:`anomap.serve.batcher`);
 - ``GET /v1/model``: method, config, calibration, versions and this server's limits;
-- ``GET /healthz``: liveness, and what the calibrated threshold promises (``calibration``); OpenAPI at
-  ``/openapi.json`` and ``/docs``; the web page at ``/``.
+- ``GET /healthz``: liveness, the backend and batching in use, the model's hash, and what the calibrated
+  threshold promises (``calibration``); OpenAPI at ``/openapi.json`` and ``/docs``; the web page at ``/``;
+- ``GET /metrics``, ``POST /v1/feedback``, ``POST /v1/reload``: :mod:`anomap.serve.ops`.
 
 Hardening: a request-body byte limit (413), a per-image pixel limit read from the header (413), content
 checks (415 not an image, 400 undecodable), a per-request timeout (504), bounded admission (503 at once
-when ``concurrency + queue`` requests are in the house), an optional API key (``ANOMAP_API_KEY``, header
+when ``Limits.capacity`` requests are in the house), an optional API key (``ANOMAP_API_KEY``, header
 ``X-API-Key``, constant-time compare, 401), and CORS only for the origins given. Uploaded file names are
 labels only; nothing from a request is used as a path. Decoding and inference run in worker threads.
 """
@@ -23,8 +25,10 @@ import hmac
 import logging
 import math
 import os
+import signal
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +39,16 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from anomap._version import __version__
-from anomap.report.overlay import downscale, heatmap_overlay, png_data_uri
 from anomap.runtime.backend import Backend, load_backend
-from anomap.serve.decode import ACCEPTED_TEXT, UploadError, clean_label, decode_upload
+from anomap.serve.batcher import Batcher
+from anomap.serve.decode import ACCEPTED_TEXT, UploadError, read_form
 from anomap.serve.limits import Gate, Limits, Overloaded, TimedOut
+from anomap.serve.metrics import ServiceMetrics
+from anomap.serve.ops import CountRequests, ops_routes, reload_model
+from anomap.serve.predictor import Predictor, RecentUploads, Served, batch_scorer
 from anomap.serve.security import SecurityHeaders, docs_routes
 
 log = logging.getLogger("anomap.serve")
@@ -53,7 +58,6 @@ API_KEY_HEADER = "X-API-Key"
 STATIC_DIR = Path(__file__).parent / "static"
 # training paths, file names and fingerprints stay on the server
 PRIVATE_INFO_KEYS = ("dataset", "heldout_files", "heldout_sha256")
-MULTIPART_HINT = "send images as multipart/form-data, e.g. curl -F file=@part.png http://HOST:PORT/v1/predict"
 
 
 class ImageResult(BaseModel):
@@ -67,6 +71,8 @@ class ImageResult(BaseModel):
     height: int
     heatmap: str | None = Field(None, description="heat-map overlay as a data:image/png;base64 URI "
                                                   "(only with ?heatmap=true)")
+    id: str | None = Field(None, description="names this upload in POST /v1/feedback for a while (null when "
+                                             "feedback is off)")
 
 
 class PredictResponse(BaseModel):
@@ -93,97 +99,6 @@ def _finite(value: Any) -> Any:
 
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
-
-
-async def _read_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``max_bytes``."""
-    too_big = f"request body is over this server's limit of {max_bytes:,} bytes; send fewer or smaller images."
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise HTTPException(400, "the Content-Length header is not a number.") from None
-        if size > max_bytes:
-            raise HTTPException(413, too_big)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
-            raise HTTPException(413, too_big)
-    return bytes(body)
-
-
-async def _read_uploads(request: Request, limits: Limits) -> list[tuple[str, bytes]]:
-    """(label, bytes) for every file part of a multipart request, in order; text fields are ignored."""
-    ctype = request.headers.get("content-type", "")
-    if not ctype.lower().startswith("multipart/form-data"):
-        raise HTTPException(415, f"expected a multipart/form-data upload, got {ctype[:80] or 'no Content-Type'}; "
-                                 f"{MULTIPART_HINT}.")
-    body = await _read_body(request, limits.max_bytes)
-
-    async def replay() -> dict[str, Any]:
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    uploads: list[tuple[str, bytes]] = []
-    async with Request(request.scope, replay).form(max_files=limits.max_files, max_fields=64) as form:
-        for _, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                uploads.append((clean_label(value.filename, len(uploads)), await value.read()))
-    if not uploads:
-        raise HTTPException(400, f"the request holds no file; {MULTIPART_HINT}.")
-    return uploads
-
-
-class Predictor:
-    """Decodes, scores and renders uploads (runs in a worker thread).
-
-    Uploads are decoded here (with the service's limits), then scored through the backend's
-    :meth:`~anomap.runtime.backend.Backend.score`: the one prepare-and-score path of anomap.
-    """
-
-    def __init__(self, backend: Backend, limits: Limits):
-        self.backend = backend
-        self.limits = limits
-
-    def _chunks(self, uploads: list[tuple[str, bytes]]) -> Iterator[list[tuple[str, np.ndarray]]]:
-        """Decoded images in chunks of at most ``batch_size`` images and about ``max_pixels`` pixels."""
-        chunk: list[tuple[str, np.ndarray]] = []
-        pixels = 0
-        for label, data in uploads:
-            img = decode_upload(data, label, self.limits.max_pixels)
-            if chunk and (len(chunk) >= self.backend.batch_size or pixels + img.shape[0] * img.shape[1]
-                          > self.limits.max_pixels):
-                yield chunk
-                chunk, pixels = [], 0
-            chunk.append((label, img))
-            pixels += img.shape[0] * img.shape[1]
-        if chunk:
-            yield chunk
-
-    def __call__(self, uploads: list[tuple[str, bytes]], threshold: float | None,
-                 heatmap: bool) -> list[dict[str, Any]]:
-        cal = self.backend.calibration
-        out: list[dict[str, Any]] = []
-        for chunk in self._chunks(uploads):
-            res = self.backend.score([img for _, img in chunk], threshold=threshold, maps=heatmap)
-            for k, (label, img) in enumerate(chunk):
-                score = float(res.scores[k])
-                finite = math.isfinite(score)
-                item = {"label": label, "score": score if finite else None, "threshold": threshold,
-                        "is_anomalous": res.is_anomalous[k] if finite else None,
-                        "width": int(img.shape[1]), "height": int(img.shape[0]), "heatmap": None}
-                if heatmap:
-                    item["heatmap"] = self._overlay(img, res.maps[k], cal.map_low, cal.map_scale)
-                out.append(item)
-        return out
-
-    def _overlay(self, img: np.ndarray, amap: np.ndarray, low: float | None, top: float | None) -> str:
-        amap = np.nan_to_num(np.asarray(amap, dtype=np.float32))
-        if low is None or top is None:
-            low, top = float(amap.min()), float(amap.max())
-        side = self.limits.heatmap_side
-        return png_data_uri(heatmap_overlay(downscale(img, side), amap, low, top), max_side=side)
 
 
 def _key_check(key: str) -> Callable[..., None]:
@@ -218,41 +133,64 @@ def _error_handlers(app: FastAPI) -> None:
 
 
 def create_app(model: str | Path | Backend, backend: str | None = None, *, device: str | None = None,
-               limits: Limits | None = None, api_key: str | None = None,
-               cors_origins: Sequence[str] = ()) -> FastAPI:
+               limits: Limits | None = None, api_key: str | None = None, cors_origins: Sequence[str] = (),
+               feedback_dir: str | Path | None = None, loader: Callable[[], Backend] | None = None,
+               sighup: bool = False) -> FastAPI:
     """Build the service for one model.
 
     Args:
         model: a ``.safetensors`` (torch) or ``.onnx`` file, or an already loaded :class:`Backend`.
         backend: "torch" or "onnx"; None infers it from the file suffix.
         device: torch device for the torch backend (cpu, cuda, auto).
-        limits: request limits and concurrency (defaults: :class:`Limits`).
+        limits: request limits, batching and concurrency (defaults: :class:`Limits`).
         api_key: the key clients must send in ``X-API-Key`` for ``/v1/*``; None reads ``ANOMAP_API_KEY``
-            (unset or empty: no key). ``/``, ``/healthz`` and the docs stay open.
+            (unset or empty: no key). ``/``, ``/healthz``, ``/metrics`` and the docs stay open.
         cors_origins: origins allowed to call the API from a browser (none by default: CORS off).
+        feedback_dir: where ``POST /v1/feedback`` stores operators' verdicts (None: feedback is off).
+        loader: loads the model file again for ``POST /v1/reload`` (default: the same file and backend).
+        sighup: also reload on SIGHUP (only where the app runs in the main thread, as ``anomap serve``).
 
     Raises:
         CheckpointError, ConfigError: the model cannot be loaded (before anything is served).
     """
     be = model if isinstance(model, Backend) else load_backend(model, backend, device=device)
+    if loader is None and be.path is not None and be.source is None:
+        path, kind, batch = be.path, be.name, be.batch_size
+        loader = lambda: load_backend(path, kind, device=device, batch_size=batch)  # noqa: E731
     limits = limits or Limits()
     key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
-    gate = Gate(limits.concurrency, limits.queue)
-    predictor = Predictor(be, limits)
+    served = Served(be, loader)
+    metrics = ServiceMetrics(be.calibration)
+    gate = Gate(limits.slots, limits.queue)
+    batcher = Batcher(batch_scorer(served), limits.max_batch, limits.max_wait_ms, limits.concurrency,
+                      on_batch=metrics.batch_size.observe)
+    metrics.queue_depth.set_function(lambda: batcher.queued_images)
+    metrics.in_flight.set_function(lambda: gate.active)
+    store = None
+    if feedback_dir is not None:
+        from anomap.feedback import FeedbackStore
+
+        store = FeedbackStore(feedback_dir)
+    recent = RecentUploads() if store is not None else None
+    predictor = Predictor(served, limits, batcher, metrics, recent)
 
     app = FastAPI(title="anomap", version=__version__, docs_url=None, redoc_url=None,
+                  lifespan=_on_sighup(served, metrics) if sighup else None,
                   description="Visual anomaly detection: score images and see where they differ from the "
                               f"normal images the model was trained on. Uploads: {ACCEPTED_TEXT}.")
-    app.state.backend, app.state.limits, app.state.gate = be, limits, gate
+    app.state.served, app.state.limits, app.state.gate = served, limits, gate
+    app.state.metrics, app.state.batcher = metrics, batcher
     app.add_middleware(SecurityHeaders)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=[API_KEY_HEADER, "Content-Type"])
+    app.add_middleware(CountRequests, metrics=metrics)
     docs_routes(app)
     require_key = _key_check(key)
     _error_handlers(app)
+    ops_routes(app, served, metrics, limits, require_key, store, recent)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -262,22 +200,64 @@ def create_app(model: str | Path | Backend, backend: str | None = None, *, devic
 
     @app.get("/healthz", tags=["service"], summary="liveness (never needs the API key)")
     def healthz() -> dict[str, Any]:
+        be = served.backend
         cal = be.calibration  # what the verdicts' threshold promises (docs/protocol.md)
-        return _finite({"status": "ok", "method": be.method, "backend": be.name, "in_flight": gate.active,
+        return _finite({"status": "ok", "method": be.method, "backend": backend_label(be), "in_flight": gate.active,
+                        "batching": {"max_batch": limits.max_batch, "max_wait_ms": limits.max_wait_ms,
+                                     "queued_images": batcher.queued_images},
+                        "feedback": store is not None, **served.describe(),
                         "calibration": {"target_fpr": cal.target_fpr, "promised_fpr": cal.promised_fpr,
                                         "fpr_upper95": cal.fpr_upper95, "n_heldout": cal.n_heldout}})
 
     @app.get("/v1/model", tags=["model"], summary="method, config, calibration and versions",
              dependencies=[Depends(require_key)])
     def model_info() -> dict[str, Any]:
+        be = served.backend
         info = {k: v for k, v in (be.meta.get("info") or {}).items() if k not in PRIVATE_INFO_KEYS}
         return _finite({
             "method": be.method, "backend": be.name, "channels": be.channels, "image_size": be.image_size,
             "config": be.meta.get("config", {}), "calibration": be.calibration.to_dict(), "info": info,
             "version": be.meta.get("anomap_version"), "server_version": __version__,
-            "limits": limits.to_dict(), "api_key_required": bool(key),
+            "limits": limits.to_dict(), "api_key_required": bool(key), "feedback": store is not None,
         })
 
+    _predict_route(app, served, predictor, gate, limits, require_key)
+    return app
+
+
+def backend_label(be: Backend) -> str:
+    """What scores the batches: "onnx", "onnx (exported at start-up from M.safetensors)", "torch" or
+    "torch (compiled)"."""
+    if be.source is not None and be.source != be.path:
+        return f"{be.name} (exported at start-up from {be.source.name})"
+    compiled = getattr(getattr(be, "detector", None), "_compiled", None) is not None
+    return f"{be.name} (compiled)" if compiled else be.name
+
+
+def _on_sighup(served: Served, metrics: ServiceMetrics) -> Callable[[FastAPI], Any]:
+    """Lifespan that reloads the model on SIGHUP (errors are logged; the old model keeps serving)."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+
+        async def reload() -> None:
+            try:
+                await reload_model(served, metrics)
+            except HTTPException as e:
+                log.error("SIGHUP: %s", e.detail)
+
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+
+    return lifespan
+
+
+def _predict_route(app: FastAPI, served: Served, predictor: Predictor, gate: Gate, limits: Limits,
+                   require_key: Callable[..., None]) -> None:
     @app.post("/v1/predict", tags=["model"], response_model=PredictResponse, dependencies=[Depends(require_key)],
               summary="score one or several images (multipart upload)",
               responses={400: {"description": "no file, or an image that cannot be decoded"},
@@ -299,8 +279,6 @@ def create_app(model: str | Path | Backend, backend: str | None = None, *, devic
         t0 = time.perf_counter()
         if threshold is not None and not math.isfinite(threshold):
             raise HTTPException(400, "threshold must be a finite number.")
-        thr, source = (threshold, "request") if threshold is not None else (
-            (be.calibration.threshold, "calibration") if be.calibration.threshold is not None else (None, "none"))
         try:
             gate.enter()
         except Overloaded:
@@ -310,12 +288,12 @@ def create_app(model: str | Path | Backend, backend: str | None = None, *, devic
         deadline = loop.time() + limits.timeout_s
         try:
             try:
-                uploads = await asyncio.wait_for(_read_uploads(request, limits), limits.timeout_s)
+                uploads, _ = await asyncio.wait_for(read_form(request, limits), limits.timeout_s)
             except TimeoutError:
                 return _error(408, f"the upload did not arrive within {limits.timeout_s:g} s.")
             handed = True
-            results = await gate.run(lambda: run_in_threadpool(predictor, uploads, thr, heatmap),
-                                     deadline - loop.time())
+            results, thr, source, name = await gate.run(
+                lambda: predictor(uploads, threshold, heatmap, deadline - loop.time()), deadline - loop.time())
         except UploadError as e:
             return _error(e.status, e.message)
         except TimedOut:
@@ -325,7 +303,5 @@ def create_app(model: str | Path | Backend, backend: str | None = None, *, devic
                 gate.leave()
         ms = (time.perf_counter() - t0) * 1000.0
         log.info("scored %d image(s) in %.1f ms", len(results), ms)
-        return _finite({"results": results, "threshold": thr, "threshold_source": source, "method": be.method,
-                        "backend": be.name, "elapsed_ms": round(ms, 2)})
-
-    return app
+        return _finite({"results": results, "threshold": thr, "threshold_source": source,
+                        "method": served.backend.method, "backend": name, "elapsed_ms": round(ms, 2)})

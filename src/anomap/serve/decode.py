@@ -9,17 +9,24 @@ is decoded, and Pillow's own decompression-bomb guard stays on. Decoding itself 
 from __future__ import annotations
 
 import io
+import json
+import urllib.parse
 import warnings
+from typing import Any
 
 import numpy as np
+from fastapi import HTTPException, Request
 from PIL import Image, UnidentifiedImageError
+from starlette.datastructures import UploadFile
 
 from anomap.data.images import load_image
 from anomap.errors import ImageError
+from anomap.serve.limits import Limits
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 ACCEPTED_TEXT = "PNG, JPEG, BMP or TIFF"
 MAX_LABEL = 200
+MULTIPART_HINT = "send images as multipart/form-data, e.g. curl -F file=@part.png http://HOST:PORT/v1/predict"
 
 
 class UploadError(Exception):
@@ -84,3 +91,67 @@ def decode_upload(data: bytes, label: str, max_pixels: int) -> np.ndarray:
 def _short(exc: object, limit: int = 160) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed ``max_bytes``."""
+    too_big = f"request body is over this server's limit of {max_bytes:,} bytes; send fewer or smaller images."
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise HTTPException(400, "the Content-Length header is not a number.") from None
+        if size > max_bytes:
+            raise HTTPException(413, too_big)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise HTTPException(413, too_big)
+    return bytes(body)
+
+
+async def read_form(request: Request, limits: Limits, hint: str = MULTIPART_HINT,
+                    files_required: bool = True) -> tuple[list[tuple[str, bytes]], dict[str, str]]:
+    """(label, bytes) for every file part of a multipart request, in order, and its text fields (the
+    first value of each name, at most 1,000 characters). With ``files_required=False`` a URL-encoded
+    form or a JSON object of text fields is read too."""
+    ctype = request.headers.get("content-type", "")
+    kind = ctype.lower().split(";")[0].strip()
+    if not files_required and kind in ("application/x-www-form-urlencoded", "application/json"):
+        return [], await _text_fields(request, limits, kind == "application/json", hint)
+    if kind != "multipart/form-data":
+        raise HTTPException(415, f"expected a multipart/form-data upload, got {ctype[:80] or 'no Content-Type'}; "
+                                 f"{hint}.")
+    body = await read_body(request, limits.max_bytes)
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    uploads: list[tuple[str, bytes]] = []
+    fields: dict[str, str] = {}
+    async with Request(request.scope, replay).form(max_files=limits.max_files, max_fields=64) as form:
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                uploads.append((clean_label(value.filename, len(uploads)), await value.read()))
+            else:
+                fields.setdefault(name, str(value)[:1000])
+    if files_required and not uploads:
+        raise HTTPException(400, f"the request holds no file; {hint}.")
+    return uploads, fields
+
+
+async def _text_fields(request: Request, limits: Limits, is_json: bool, hint: str) -> dict[str, str]:
+    """Text fields of a URL-encoded form or a flat JSON object (values as strings)."""
+    body = await read_body(request, min(limits.max_bytes, 64 * 1024))
+    if is_json:
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError:
+            raise HTTPException(400, f"the body is not valid JSON; {hint}.") from None
+        if not isinstance(data, dict):
+            raise HTTPException(400, f"the JSON body must be an object; {hint}.")
+    else:
+        data = dict(urllib.parse.parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True))
+    return {str(k): str(v)[:1000] for k, v in data.items() if isinstance(v, str | int | float)}

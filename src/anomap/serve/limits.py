@@ -31,9 +31,12 @@ class Limits:
         max_pixels: largest image, width x height, checked from the header before decoding.
         max_files: most images in one request.
         timeout_s: seconds from admission to answer; after that the client gets 504.
-        concurrency: requests decoded and scored at the same time (each in a worker thread).
-        queue: admitted requests that may wait for a slot; beyond ``concurrency + queue`` -> 503.
+        concurrency: batches scored at the same time (1: one batch already uses every core of a
+            small CPU); up to ``concurrency x max_batch`` requests are decoded or wait for a batch.
+        queue: admitted requests that may wait beyond those; beyond that -> 503 at once.
         heatmap_side: long side in pixels of the heat-map overlay PNG sent back on request.
+        max_batch: dynamic batching: a batch closes once it holds this many images ...
+        max_wait_ms: ... or this many milliseconds after its oldest request arrived (whichever first).
     """
 
     max_bytes: int = 20 * MiB
@@ -43,9 +46,21 @@ class Limits:
     concurrency: int = 1
     queue: int = 16
     heatmap_side: int = 768
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+
+    @property
+    def slots(self) -> int:
+        """Requests that may be decoding or waiting in a batch at once."""
+        return self.concurrency * self.max_batch
+
+    @property
+    def capacity(self) -> int:
+        """Requests admitted at once; more get 503."""
+        return self.slots + self.queue
 
     def __post_init__(self) -> None:
-        for name in ("max_bytes", "max_pixels", "max_files", "concurrency", "heatmap_side"):
+        for name in ("max_bytes", "max_pixels", "max_files", "concurrency", "heatmap_side", "max_batch"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"serve limit {name} must be a positive integer, not {value!r}.",
@@ -57,6 +72,10 @@ class Limits:
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
             raise ConfigError(f"serve limit timeout_s must be a positive number of seconds, not {t!r}.",
                               fix="give timeout_s > 0")
+        w = self.max_wait_ms
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or not 0 <= w <= 10_000:
+            raise ConfigError(f"serve limit max_wait_ms must be a number of milliseconds from 0 to 10000, not {w!r}.",
+                              fix="give max_wait_ms >= 0, e.g. 5 (0: score whatever is queued at once)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

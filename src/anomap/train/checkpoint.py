@@ -206,6 +206,11 @@ def read_metadata(path: str | Path) -> dict:
     return _decode(path, _header(path))
 
 
+def stored_hash(path: str | Path) -> str | None:
+    """The content hash stored in a checkpoint's header (read without its tensors, so not verified)."""
+    return _header(Path(path)).get(_HASH_KEY)
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
     """Read a checkpoint written by :func:`save_checkpoint`.
 

@@ -1,5 +1,6 @@
 // anomap web page: upload images, show heat-map overlays, re-label with a threshold slider.
 // The slider never calls the server: it compares the scores already returned with the chosen threshold.
+// "mark as OK" / "mark as defect" send the operator's verdict to v1/feedback (when the server stores it).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -121,12 +122,50 @@ function render(results, files) {
     card.querySelector(".label").textContent = `${r.label} · ${r.width}×${r.height}`;
     card.querySelector(".score").textContent = fmt(r.score);
     box.appendChild(card);
-    return { label: r.label, score: r.score, heatmap: r.heatmap, original: URL.createObjectURL(files[i]), card };
+    const item = { label: r.label, score: r.score, heatmap: r.heatmap, id: r.id,
+                   original: URL.createObjectURL(files[i]), file: files[i], card };
+    wireFeedback(item);
+    return item;
   });
   if (results.length && Number.isFinite(results[0].threshold)) state.threshold = results[0].threshold;
   setupSlider();
   showViews();
   relabel();
+}
+
+async function sendFeedback(item, verdict) {
+  const status = item.card.querySelector(".feedback-status");
+  const buttons = item.card.querySelectorAll(".feedback button");
+  const form = new FormData();
+  form.append("verdict", verdict);
+  if (item.id) form.append("id", item.id);
+  else form.append("file", item.file, item.file.name);
+  for (const b of buttons) b.disabled = true;
+  status.textContent = "saving…";
+  let resp;
+  try {
+    resp = await fetch("v1/feedback", { method: "POST", body: form, headers: headers() });
+  } catch (e) {
+    resp = null;
+    status.textContent = `not saved: ${e.message}`;
+  }
+  if (resp && resp.status === 404 && item.id) {  // the server no longer holds the upload: send the image
+    item.id = null;
+    return sendFeedback(item, verdict);
+  }
+  if (resp && resp.ok) {
+    status.textContent = verdict === "normal" ? "saved as OK" : "saved as defect";
+  } else if (resp) {
+    status.textContent = `not saved: ${await readError(resp)}`;
+  }
+  for (const b of buttons) b.disabled = false;
+}
+
+function wireFeedback(item) {
+  const box = item.card.querySelector(".feedback");
+  box.hidden = !(state.model && state.model.feedback);
+  item.card.querySelector(".mark-ok").addEventListener("click", () => sendFeedback(item, "normal"));
+  item.card.querySelector(".mark-defect").addEventListener("click", () => sendFeedback(item, "anomalous"));
 }
 
 async function upload(fileList) {
