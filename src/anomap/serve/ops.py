@@ -73,12 +73,12 @@ async def reload_model(served: Served, metrics: ServiceMetrics) -> dict[str, Any
     async with served.lock:
         old = served.sha256
         try:
-            backend = await run_in_threadpool(served.loader)
+            backend, sha256 = await run_in_threadpool(served.load)  # hashing an ONNX file reads it all
         except (AnomapError, OSError) as e:
             metrics.reloads.labels("failed").inc()
             log.error("reload failed, the old model keeps serving: %s", e)
             raise HTTPException(422, f"reload failed, the old model keeps serving: {e}") from None
-        served.set(backend)
+        served.set(backend, sha256)
         metrics.calibrate(backend.calibration)
         metrics.reloads.labels("ok").inc()
     log.info("reloaded the model: sha256 %s -> %s", old, served.sha256)

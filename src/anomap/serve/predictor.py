@@ -32,17 +32,28 @@ from anomap.serve.limits import Limits
 from anomap.serve.metrics import ServiceMetrics
 
 
+def hash_of(backend: Backend) -> str | None:
+    """The hash feedback records carry: of the file a user names (the source of a start-up export)."""
+    model = backend.source or backend.path
+    return model_hash(model) if model is not None else None
+
+
 class Served:
-    """The model being served; :meth:`swap` replaces it between batches (in-flight batches keep theirs)."""
+    """The model being served; :meth:`set` replaces it between batches (in-flight batches keep theirs)."""
 
     def __init__(self, backend: Backend, loader: Callable[[], Backend] | None = None):
         self.loader = loader
         self.lock = asyncio.Lock()  # one reload at a time
-        self.set(backend)
+        self.set(backend, hash_of(backend))
 
-    def set(self, backend: Backend) -> None:
-        model = backend.source or backend.path  # the file a user names: what feedback records carry
-        self.sha256 = model_hash(model) if model is not None else None
+    def load(self) -> tuple[Backend, str | None]:
+        """The model file loaded again and its hash (blocking: run it in a worker thread)."""
+        assert self.loader is not None
+        backend = self.loader()
+        return backend, hash_of(backend)
+
+    def set(self, backend: Backend, sha256: str | None) -> None:
+        self.sha256 = sha256
         self.loaded_at = time.time()
         self.backend = backend  # one attribute store: a batch reads either the old or the new model
 
