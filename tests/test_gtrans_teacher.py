@@ -52,6 +52,21 @@ def test_lite_taps_and_shapes_at_224(arch, taps, channels):
     assert not t.training and not t.net._bn0.training  # frozen BatchNorm whatever the loop does
 
 
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18"])
+def test_fewer_taps_are_the_first_of_all(arch):
+    t = Teacher(arch, 64)
+    if arch == "efficientnet_lite0":
+        t.load_pretrained()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        full = t(x)
+        for n in (1, 2):
+            part = t(x, n)
+            assert len(part) == n
+            for a, b in zip(part, full[:n], strict=True):
+                torch.testing.assert_close(a, b)
+
+
 def test_resnets_match_torchvision_sizes():
     with torch.device("meta"):
         n18 = sum(p.numel() for p in resnet18().parameters())

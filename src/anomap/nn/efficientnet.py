@@ -188,15 +188,16 @@ class Teacher(nn.Module):
             x = x.expand(-1, 3, -1, -1)
         return (x - self.mean) / self.std
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """Three feature maps (B, C_s, H/stride_s, W/stride_s) for images in [0, 1]."""
+    def forward(self, x: Tensor, n_taps: int = 3) -> list[Tensor]:
+        """The first ``n_taps`` of the three feature maps (B, C_s, H/stride_s, W/stride_s) for images in
+        [0, 1]; an EfficientNet stops after the last block it needs."""
         x = self.normalise(x)
         if isinstance(self.net, ResNet):
-            return self.net.stages(x)[:3]
+            return self.net.stages(x)[:n_taps]
         net = self.net
         x = net._swish(net._bn0(net._conv_stem(x)))
         outs = []
-        for i, block in enumerate(net._blocks[: self.taps[-1] + 1]):
+        for i, block in enumerate(net._blocks[: self.taps[n_taps - 1] + 1]):
             x = block(x)
             if i in self.taps:
                 outs.append(x)

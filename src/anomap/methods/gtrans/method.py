@@ -154,7 +154,7 @@ class GTrans(Method):
                 s1[k] = s1[k] + f.sum(dim=(0, 2, 3))
                 s2[k] = s2[k] + f.pow(2).sum(dim=(0, 2, 3))
                 count[k] += f.shape[0] * f.shape[2] * f.shape[3]
-        for k in range(n):
+        for k in range(len(feats)):  # memory=only: the scales the memory reads (the others stay 0 / 1)
             mean = s1[k] / max(count[k], 1)
             std = (s2[k] / max(count[k], 1) - mean.pow(2)).clamp_min(0).sqrt()
             # floor: a channel (almost) constant on normal images must not explode on a test image
@@ -217,8 +217,10 @@ class GTrans(Method):
     # --- shared -------------------------------------------------------------------------------
     @torch.no_grad()
     def _teacher(self, x: Tensor) -> list[Tensor]:
-        all_feats = self.teacher(x)
-        feats = [all_feats[s] for s in self.scales]
+        """The teacher's features at ``scales`` (with ``memory=only``: those up to the memory's coarsest)."""
+        upto = max(self.config.memory_scales_used) if self.config.memory == "only" else max(self.scales)
+        all_feats = self.teacher(x, upto + 1)
+        feats = [all_feats[s] for s in self.scales if s <= upto]
         k = self.config.teacher_pool
         if k > 1:
             feats = [F.avg_pool2d(f, k, 1, k // 2, count_include_pad=False) for f in feats]
