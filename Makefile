@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= ../shared/data
 BENCH_DATA ?= $(DATA)/mpdd_metal_plate $(DATA)/magnetic_tile
-BENCH_METHODS ?= ssl_ae
+BENCH_METHODS ?= gtrans_memory
 
 .PHONY: demo test lint bench install clean
 

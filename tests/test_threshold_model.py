@@ -31,7 +31,7 @@ def fitted(tmp_path_factory):
     sets = [f"{k}={v}" for k, v in {**TINY, "max_steps": 3}.items()]
     err = io.StringIO()  # capsys is function-scoped; the module's one fit is captured by hand
     with contextlib.redirect_stderr(err):
-        rc = main(["fit", "--data", str(data), "--out", str(out), "-q", "--set", *sets])
+        rc = main(["fit", "--method", "ssl_ae", "--data", str(data), "--out", str(out), "-q", "--set", *sets])
     assert rc == 0
     return data, out, err.getvalue()
 

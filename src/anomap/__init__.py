@@ -1,7 +1,7 @@
 """anomap: unsupervised visual anomaly detection. Train on good parts, score and localise defects.
 
 >>> import anomap
->>> det = anomap.create("ssl_ae")
+>>> det = anomap.create()  # gtrans_memory; anomap.list_methods() names the others
 >>> det.fit("data/bottle")
 >>> res = det.predict("photo.png")
 """

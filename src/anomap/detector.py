@@ -33,7 +33,7 @@ from anomap.errors import AnomapError, CheckpointError, ConfigError, DataError, 
 from anomap.inference import ImageInput, Scored, prepare_image, score_images, u8_batch
 from anomap.methods.base import Method
 from anomap.metrics.threshold import CalibrationWarning, calibrated_threshold
-from anomap.registry import get_method_class
+from anomap.registry import DEFAULT_METHOD, get_method_class
 from anomap.train.checkpoint import load_checkpoint, save_checkpoint
 from anomap.train.distributed import DistContext, session, threads_per_process
 from anomap.train.fit_images import load_fit_images
@@ -388,8 +388,9 @@ def _flags(res: Scored) -> list[bool]:
     return [f is True for f in res.is_anomalous]
 
 
-def create(method: str, **config: Any) -> Detector:
-    """A new, untrained detector: ``anomap.create("ssl_ae", image_size=128, max_steps=500)``."""
+def create(method: str = DEFAULT_METHOD, **config: Any) -> Detector:
+    """A new, untrained detector: ``anomap.create()`` (the default method, ``DEFAULT_METHOD``) or e.g.
+    ``anomap.create("ssl_ae", image_size=128, max_steps=500)``."""
     return Detector(method, config)
 
 

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 from anomap.errors import ConfigError
 
 _REGISTRY: dict[str, type[Any]] = {}
+DEFAULT_METHOD = "gtrans_memory"  # what `anomap fit`, `demo`, `bench` and `anomap.create()` use when no method is named
 T = TypeVar("T", bound=type[Any])
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from anomap.errors import DataError
+from anomap.registry import DEFAULT_METHOD
 
 
 def _config(args: argparse.Namespace, method: str) -> dict[str, Any]:
@@ -78,10 +79,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from anomap.config import config_to_dict
     from anomap.registry import get_method_class
 
-    for name in anomap.list_methods():
+    names = anomap.list_methods()
+    width = max(map(len, names))
+    for name in names:
         cls = get_method_class(name)
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-        print(f"{name:10s} {doc}")
+        print(f"{name:{width}s} {doc}")
         if args.verbose:
             for k, v in config_to_dict(cls.Config()).items():
                 print(f"    {k} = {v}")
@@ -273,7 +276,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                            json_out=Path(args.json) if args.json else None, methods=methods)
     if args.suite:
         return run_suite(Path(args.suite), out=Path(args.out))
-    return run_bench(args.data, args.method or ["ssl_ae"], sets=args.set or [], out=Path(args.out),
+    return run_bench(args.data, args.method or [DEFAULT_METHOD], sets=args.set or [], out=Path(args.out),
                      runs_dir=Path(args.runs_dir), max_minutes=args.max_minutes, label=args.label)
 
 

@@ -16,6 +16,7 @@ from anomap.cli.commands import (
     cmd_serve,
     cmd_update,
 )
+from anomap.registry import DEFAULT_METHOD
 
 EPILOG = "Config: --config FILE.yaml and/or --set key=value (repeatable, strict: unknown keys are errors)."
 
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_methods)
 
     p = sub.add_parser("fit", help="train a detector on normal images", epilog=EPILOG)
-    p.add_argument("--method", default="ssl_ae", help="method name (see `anomap methods`)")
+    p.add_argument("--method", default=DEFAULT_METHOD,
+                   help=f"method name (see `anomap methods`; default {DEFAULT_METHOD})")
     p.add_argument("--data", required=True, help="category folder (MVTec layout) or folder of normal images")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--resume", action="store_true", help="continue from OUT.partial after a crash/stop")
@@ -115,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="build the demo category, train, evaluate, write the report", epilog=EPILOG)
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--method", default="ssl_ae")
+    p.add_argument("--method", default=DEFAULT_METHOD)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--max-minutes", type=float)
     p.add_argument("-q", "--quiet", action="store_true")
@@ -183,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--compare", nargs=2, metavar=("RUNS_A", "RUNS_B"),
                       help="compare two bench runs folders (each runs/<tag>/<dataset>-<method>/...): B - A")
     what.add_argument("--suite", metavar="RUNS", help="the suite block of the runs in a runs folder")
-    p.add_argument("--method", nargs="+", help="methods to bench (default ssl_ae); with --compare: the method of "
-                   "both folders, or one for A and one for B")
+    p.add_argument("--method", nargs="+", help=f"methods to bench (default {DEFAULT_METHOD}); with --compare: the "
+                   "method of both folders, or one for A and one for B")
     p.add_argument("--set", action="extend", nargs="+", metavar="KEY=VALUE",
                    help="config overrides for every run")
     p.add_argument("--out", default="runs/bench/benchmarks.md",

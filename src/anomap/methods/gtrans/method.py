@@ -21,7 +21,7 @@ One teacher and one student pass per image.
 The AGN's memory (``memory``, :mod:`anomap.methods.gtrans.memory`): the teacher also remembers the fit
 images' patch features as a greedy coreset, built in ``prepare_fit`` from the teacher features computed
 there anyway. Its map (each cell's distance to the nearest remembered patch, divided by its held-out
-mean) replaces the student's map (``only``: the student is then not trained, and not run) or is
+mean) replaces the student's map (``only``: the student is then not built, trained or run) or is
 averaged with it before the blur (``fused``: ``(1 - memory_weight) * student + memory_weight * memory``).
 ``add_normals`` adds patches of new normal images to it without retraining.
 
@@ -79,8 +79,10 @@ class GTrans(Method):
         self.teacher = Teacher(config.teacher_arch, config.image_size)
         out_ch = tuple(self.teacher.channels[s] for s in self.scales)
         strides = tuple(self.teacher.strides[s] for s in self.scales)
-        self.student = Student(out_ch, strides, config.tr_dim, config.tr_depth, config.tr_heads,
-                               pool_first=self.scales[0] == 0, fine_tokens=config.fine_tokens)
+        self.student: Student | None = None  # memory=only: no student (nothing trained, nothing saved)
+        if config.memory != "only":
+            self.student = Student(out_ch, strides, config.tr_dim, config.tr_depth, config.tr_heads,
+                                   pool_first=self.scales[0] == 0, fine_tokens=config.fine_tokens)
         for i, c in enumerate(out_ch):
             self.register_buffer(f"feat_mean{i}", torch.zeros(1, c, 1, 1))
             self.register_buffer(f"feat_std{i}", torch.ones(1, c, 1, 1))
@@ -109,6 +111,8 @@ class GTrans(Method):
         cfg = self.config
         if cfg.memory == "only":
             return []  # the map is the memory's alone: nothing to train
+        student = self.student
+        assert student is not None
         steps = self.schedule_steps(cfg.epochs, n_fit, cfg.batch_size)
         steps = self.budget_steps(steps, cfg.batch_size, cfg.est_images_per_s)
         return [
@@ -116,7 +120,7 @@ class GTrans(Method):
                 name="gtrans",
                 steps=steps,
                 batch_size=cfg.batch_size,
-                make_optimizer=lambda: torch.optim.AdamW(self.student.parameters(), lr=cfg.lr,
+                make_optimizer=lambda: torch.optim.AdamW(student.parameters(), lr=cfg.lr,
                                                          weight_decay=cfg.weight_decay),
                 lr_factor=cosine_factor(steps, warmup=round(cfg.warmup_frac * steps), final=cfg.min_lr / cfg.lr),
             )
@@ -240,6 +244,7 @@ class GTrans(Method):
         if raw is None:
             raw = self._teacher(x)
         targets = [(f - getattr(self, f"feat_mean{k}")) / getattr(self, f"feat_std{k}") for k, f in enumerate(raw)]
+        assert self.student is not None, "memory=only has no student"
         feat_preds, tok_preds = self.student(self.teacher.normalise(x))
         feat_preds = [_fit(p, t) for p, t in zip(feat_preds, targets, strict=True)]
         tok_preds = [_fit(p, t) for p, t in zip(tok_preds, targets, strict=True)]
@@ -342,7 +347,7 @@ class GTrans(Method):
         """The heads (0 token, 1 feature) whose distances make scale ``k``'s part of the map."""
         mode = self.config.map_heads
         if mode == "fine_feature":
-            return (1,) if k == 0 and self.student.pool_first else (0,)
+            return (1,) if k == 0 and self.student is not None and self.student.pool_first else (0,)
         return {"token": (0,), "feature": (1,), "both": (0, 1)}[mode]
 
 
