@@ -151,19 +151,20 @@ class _Farthest:
 def knn_distance(queries: Tensor, bank: Tensor, k: int = 1, chunk: int = KNN_CHUNK) -> Tensor:
     """Mean Euclidean distance (Q,) of each query (Q, D) to its ``k`` nearest rows of ``bank`` (M, D).
 
-    Squared distances as ``||q||^2 - 2 q.b + ||b||^2``: per chunk of bank rows one GEMM that adds
-    ``||b||^2`` as it goes (``addmm``), then a running minimum (``k=1``) or running k smallest (``topk``)
-    across chunks; ``||q||^2``, the same for every bank row, is added to the k smallest only, and the sum
-    clamped at 0 before the square root. (No full-size elementwise passes: they took more time than the
-    GEMM itself.) Memory: (Q, chunk). Traces to ONNX (the chunk loop unrolls over the fixed
-    bank size).
+    Squared distances as ``||q||^2 - 2 q.b + ||b||^2``: the queries get a column of ones and the bank rows
+    become ``(-2 b, ||b||^2)``, so that one plain GEMM per chunk of bank rows gives ``||b||^2 - 2 q.b`` (no
+    bias broadcast, no full-size elementwise pass: those took more time than the GEMM itself); then a
+    running minimum (``k=1``) or running k smallest (``topk``) across chunks; ``||q||^2``, the same for
+    every bank row, is added to the k smallest only, and the sum clamped at 0 before the square root.
+    Memory: (Q, chunk). Traces to ONNX (the chunk loop unrolls over the fixed bank size).
     """
     if k < 1 or k > len(bank):
         raise ValueError(f"k={k} needs 1 <= k <= bank rows ({len(bank)})")
+    qa = torch.cat([queries, queries.new_ones(queries.shape[0], 1)], dim=1)  # rows (q, 1)
+    ba = torch.cat([-2.0 * bank, bank.pow(2).sum(1, keepdim=True)], dim=1)  # rows (-2b, ||b||^2)
     best: Tensor | None = None
-    for lo in range(0, len(bank), chunk):
-        b = bank[lo:lo + chunk]
-        d = torch.addmm(b.pow(2).sum(1)[None, :], queries, b.T, alpha=-2.0)  # ||b||^2 - 2 q.b in one GEMM
+    for lo in range(0, len(ba), chunk):
+        d = qa @ ba[lo:lo + chunk].T  # ||b||^2 - 2 q.b
         if k == 1:
             part = d.amin(1, keepdim=True)
             best = part if best is None else torch.minimum(best, part)
