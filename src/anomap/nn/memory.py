@@ -95,6 +95,16 @@ def greedy_coreset_radius(features: Tensor, n_pick: int, proj_dim: int = 128, se
     return torch.tensor(search.picks, dtype=torch.long), max(radius, 0.0)
 
 
+def _with_ones(x: Tensor) -> Tensor:
+    """Rows ``(x, 1)``: against rows of :func:`_as_centres` one matmul gives ``||c||^2 - 2 x.c``."""
+    return torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+
+
+def _as_centres(c: Tensor) -> Tensor:
+    """Rows ``(-2 c, ||c||^2)`` (see :func:`_with_ones`)."""
+    return torch.cat([-2.0 * c, c.pow(2).sum(1, keepdim=True)], dim=1)
+
+
 class _Farthest:
     """The lazy state of :func:`greedy_coreset` over projected points ``x`` (N, p)."""
 
@@ -102,7 +112,7 @@ class _Farthest:
         n = len(x)
         self.chunk = chunk
         self.sq = x.pow(2).sum(1)
-        self.xa = torch.cat([x, torch.ones(n, 1, dtype=x.dtype, device=x.device)], dim=1)  # rows (x, 1)
+        self.xa = _with_ones(x)  # rows (x, 1)
         self.centres = torch.zeros(n_pick, x.shape[1] + 1, dtype=x.dtype, device=x.device)  # rows (-2c, |c|^2)
         self.mind = torch.full((n,), math.inf, dtype=x.dtype, device=x.device)
         n_blocks = math.ceil(n / chunk)
@@ -113,7 +123,7 @@ class _Farthest:
 
     def cover(self, rows: Tensor) -> None:
         """Start from ``rows`` (M, p) as centres chosen before (they are not picks)."""
-        ra = torch.cat([-2.0 * rows, rows.pow(2).sum(1, keepdim=True)], dim=1)
+        ra = _as_centres(rows)
         for lo in range(0, len(self.mind), self.chunk):
             xa = self.xa[lo:lo + self.chunk]
             self.mind[lo:lo + self.chunk] = (xa @ ra.T).amin(1) + self.sq[lo:lo + self.chunk]
@@ -160,8 +170,7 @@ def knn_distance(queries: Tensor, bank: Tensor, k: int = 1, chunk: int = KNN_CHU
     """
     if k < 1 or k > len(bank):
         raise ValueError(f"k={k} needs 1 <= k <= bank rows ({len(bank)})")
-    qa = torch.cat([queries, queries.new_ones(queries.shape[0], 1)], dim=1)  # rows (q, 1)
-    ba = torch.cat([-2.0 * bank, bank.pow(2).sum(1, keepdim=True)], dim=1)  # rows (-2b, ||b||^2)
+    qa, ba = _with_ones(queries), _as_centres(bank)
     best: Tensor | None = None
     for lo in range(0, len(ba), chunk):
         d = qa @ ba[lo:lo + chunk].T  # ||b||^2 - 2 q.b
