@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from anomap.errors import CheckpointError, ConfigError
 from anomap.fileio import read_state_dict as _read
+from anomap.nn.lite_fused import FoldedLite
 from anomap.nn.resnet import RESNETS, ResNet
 
 LITE_NAMES = {f"efficientnet_lite{i}": f"efficientnet-lite{i}" for i in range(3)}
@@ -147,6 +148,7 @@ class Teacher(nn.Module):
                     delattr(self.net, name)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self._folded: tuple[tuple, FoldedLite] | None = None  # (the weights' identity, the folded net)
         self.requires_grad_(False)
         self.eval()
 
@@ -194,14 +196,15 @@ class Teacher(nn.Module):
         x = self.normalise(x)
         if isinstance(self.net, ResNet):
             return self.net.stages(x)[:n_taps]
-        net = self.net
-        x = net._swish(net._bn0(net._conv_stem(x)))
-        outs = []
-        for i, block in enumerate(net._blocks[: self.taps[n_taps - 1] + 1]):
-            x = block(x)
-            if i in self.taps:
-                outs.append(x)
-        return outs
+        return self.folded()(x, self.taps[:n_taps])
+
+    def folded(self) -> FoldedLite:
+        """The EfficientNet with its BatchNorms folded (:mod:`anomap.nn.lite_fused`), up to the last tap;
+        rebuilt whenever a weight or statistic changed (loading, ``.to(device)``)."""
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in self.net.state_dict().values())
+        if self._folded is None or self._folded[0] != key:
+            self._folded = (key, FoldedLite(self.net, self.taps[-1] + 1))
+        return self._folded[1]
 
     def logits(self, x: Tensor) -> Tensor:
         """ImageNet logits (B, 1000); needs ``keep_head=True``."""

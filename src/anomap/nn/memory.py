@@ -9,19 +9,24 @@ patch by its distance to the nearest one. Pure torch, no data and no training lo
   brought up to date *lazily* per block of ``chunk`` rows (see the function).
 - :func:`knn_distance`: the mean Euclidean distance of each query to its ``k`` nearest bank rows, as
   ``||q||^2 - 2 q.b + ||b||^2`` with one matmul per chunk of bank rows (traces to ONNX: MatMul, Min).
+- :func:`nearest_distance`: the same for ``k=1``, searched in bfloat16 (about 4x faster on CPUs with
+  native bfloat16 matmuls) and re-measured exactly in float32 for the row the search found.
 - :class:`PatchMemory`: the bank as a buffer whose row count is only known after fitting (it loads
   from a state_dict of any size); an empty bank means "off".
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 KNN_CHUNK = 2048  # bank rows per matmul in knn_distance: (queries, KNN_CHUNK) floats at a time
+SEARCH_CHUNK = 1024  # bank rows per bfloat16 matmul in nearest_distance (2 cores: 14 ms vs 17 ms at 2048)
 CORESET_CHUNK = 1024  # rows per lazily updated block in greedy_coreset (measured: 1024-2048 best, 2 cores)
 
 
@@ -185,11 +190,63 @@ def knn_distance(queries: Tensor, bank: Tensor, k: int = 1, chunk: int = KNN_CHU
     return best.clamp_min(0).sqrt().mean(1)
 
 
+@functools.cache
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (x86 ``avx512_bf16`` or ``amx_bf16``; Linux flags).
+
+    Elsewhere bfloat16 matmuls are emulated, often slower than float32, so the search stays float32.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def search_rows(bank: Tensor) -> tuple[Tensor, Tensor]:
+    """The bank as rows for :func:`nearest_distance`: float32 ``(-2 b, ||b||^2)`` and bfloat16
+    ``(-2 b, hi, lo)`` with ``hi + lo = ||b||^2``.
+
+    ``||b||^2`` is split in two bfloat16 numbers (about 16 significant bits instead of 8): its rounding
+    would otherwise be as large as a near neighbour's whole squared distance.
+    """
+    centres = _as_centres(bank)
+    sq = centres[:, -1:]
+    hi = sq.to(torch.bfloat16)
+    lo = (sq - hi.float()).to(torch.bfloat16)
+    return centres, torch.cat([centres[:, :-1].to(torch.bfloat16), hi, lo], dim=1).contiguous()
+
+
+def nearest_distance(queries: Tensor, centres: Tensor, rows: Tensor, chunk: int = SEARCH_CHUNK) -> Tensor:
+    """Euclidean distance (Q,) of each query (Q, D) to its nearest bank row, ``(centres, rows) =
+    search_rows(bank)``: :func:`knn_distance` with ``k=1``, searched mostly in bfloat16.
+
+    A bfloat16 pass (float32 accumulation) finds, for each query, the chunk of ``chunk`` bank rows that
+    holds its nearest row; the float32 pass of :func:`knn_distance` then runs on that chunk only. Where
+    bfloat16 rounding picks the wrong chunk, the result exceeds the exact one by at most that rounding
+    (a few tenths of a percent of the squared distance on standardised features).
+    """
+    qs = torch.cat([queries, queries.new_ones(queries.shape[0], 2)], dim=1).to(torch.bfloat16)
+    per_chunk = torch.stack([(qs @ rows[lo:lo + chunk].T).amin(1) for lo in range(0, len(rows), chunk)], 1)
+    which = per_chunk.float().argmin(1)
+    qa = _with_ones(queries)
+    best = queries.new_empty(queries.shape[0])
+    for c in which.unique().tolist():
+        sel = (which == c).nonzero().squeeze(1)
+        best[sel] = (qa[sel] @ centres[c * chunk:(c + 1) * chunk].T).amin(1)  # ||b||^2 - 2 q.b
+    return (best + queries.pow(2).sum(1)).clamp_min(0).sqrt()
+
+
 class PatchMemory(nn.Module):
     """A bank (M, dim) of normal patch features; ``forward`` gives queries' kNN distances to it.
 
     The bank is a buffer: it is saved with the weights, and ``load_state_dict`` takes a bank of any
     row count (the buffer is resized first). ``len(memory) == 0`` means the memory is off.
+
+    ``bf16_search``: search the nearest row in bfloat16 and re-measure it exactly
+    (:func:`nearest_distance`); ``None`` (default): when ``k == 1``, on a CPU that multiplies bfloat16
+    natively, and not while tracing (an ONNX export keeps the float32 search).
     """
 
     bank: Tensor  # registered buffer
@@ -197,7 +254,21 @@ class PatchMemory(nn.Module):
     def __init__(self, dim: int, k: int = 1, chunk: int = KNN_CHUNK):
         super().__init__()
         self.k, self.chunk = k, chunk
+        self.bf16_search: bool | None = None
+        self._rows: tuple[tuple[int, int, int], tuple[Tensor, Tensor]] | None = None  # (bank id, search_rows)
         self.register_buffer("bank", torch.zeros(0, dim))
+
+    def _use_bf16(self) -> bool:
+        if self.bf16_search is not None:
+            return self.bf16_search
+        return (min(self.k, len(self)) == 1 and self.bank.device.type == "cpu" and cpu_has_bf16_matmul()
+                and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export())
+
+    def _search_rows(self) -> tuple[Tensor, Tensor]:
+        key = (self.bank.data_ptr(), self.bank._version, len(self))
+        if self._rows is None or self._rows[0] != key:
+            self._rows = (key, search_rows(self.bank))
+        return self._rows[1]
 
     def __len__(self) -> int:
         return int(self.bank.shape[0])
@@ -206,6 +277,8 @@ class PatchMemory(nn.Module):
         """(Q,) mean distance of each query (Q, dim) to its ``k`` nearest bank rows (zeros: empty bank)."""
         if not len(self):
             return queries.new_zeros(queries.shape[0])
+        if self._use_bf16():
+            return nearest_distance(queries, *self._search_rows())
         return knn_distance(queries, self.bank, min(self.k, len(self)), self.chunk)
 
     def set_bank(self, rows: Tensor) -> None:

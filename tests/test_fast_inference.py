@@ -1,0 +1,109 @@
+"""The two inference shortcuts: the bfloat16 nearest-row search (re-measured in float32) and the
+EfficientNet-Lite teacher with folded BatchNorms; both against the plain computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import anomap.nn.memory as memory_mod
+from anomap.nn.efficientnet import Teacher
+from anomap.nn.memory import PatchMemory, knn_distance, nearest_distance, search_rows
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 5000])
+def test_nearest_distance_is_the_exact_distance_to_a_nearest_row(chunk):
+    gen = torch.Generator().manual_seed(3)
+    bank = torch.randn(400, 24, generator=gen) + 2  # off-centre, so ||b||^2 is large against d^2
+    near = bank[torch.randint(0, 400, (90,), generator=gen)] + 0.05 * torch.randn(90, 24, generator=gen)
+    far = torch.randn(90, 24, generator=gen) + 2
+    for q in (near, far):
+        brute = torch.cdist(q.double(), bank.double()).amin(1).float()
+        exact = knn_distance(q, bank, 1)  # float32, the same formula
+        torch.testing.assert_close(exact, brute, rtol=1e-3, atol=1e-3)
+        got = nearest_distance(q, *search_rows(bank), chunk=chunk)
+        # never below the nearest distance (but for float32 rounding: ||q||^2 - 2 q.b + ||b||^2 cancels, up
+        # to ~1e-3 relative here); above it, in squared distance, by at most bfloat16's rounding of the two
+        # candidates' dot products (2^-8 relative per product, twice) and that float32 rounding
+        assert bool((got >= brute * (1 - 1e-3) - 1e-4).all())
+        bf16_bound = 2.0 ** -6 * (q.abs() @ bank.abs().T).amax(1)
+        assert bool((got.pow(2) <= brute.pow(2) * (1 + 2e-3) + bf16_bound).all())
+    # queries near a row: that row is found, so the result is knn_distance's (up to float32 rounding)
+    torch.testing.assert_close(nearest_distance(near, *search_rows(bank), chunk=chunk), knn_distance(near, bank, 1),
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_memory_search_modes_agree_and_follow_the_bank(monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    mem = PatchMemory(16)
+    mem.set_bank(torch.randn(300, 16, generator=gen))
+    q = mem.bank[:50] + 0.01 * torch.randn(50, 16, generator=gen)
+    mem.bf16_search = True
+    fast = mem(q)
+    mem.bf16_search = False
+    torch.testing.assert_close(fast, mem(q), rtol=1e-4, atol=1e-4)
+    mem.bf16_search = True
+    mem.set_bank(mem.bank[100:])  # the cached search rows follow a new bank
+    torch.testing.assert_close(mem(q), knn_distance(q, mem.bank, 1), rtol=1e-4, atol=1e-4)
+    mem.bank.mul_(2.0)  # ... and an in-place change of it
+    torch.testing.assert_close(mem(q), knn_distance(q, mem.bank, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_memory_auto_search_is_float32_for_k_above_one_and_when_tracing(monkeypatch):
+    calls = []
+    real = memory_mod.nearest_distance
+    monkeypatch.setattr(memory_mod, "nearest_distance", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(memory_mod, "cpu_has_bf16_matmul", lambda: True)
+    mem = PatchMemory(8)
+    mem.set_bank(torch.randn(64, 8))
+    q = torch.randn(5, 8)
+    mem(q)
+    assert len(calls) == 1
+    torch.jit.trace(mem, q, check_trace=False)  # what an ONNX export records: the float32 search
+    assert len(calls) == 1
+    mem.k = 3
+    mem(q)
+    assert len(calls) == 1
+    mem.k = 1
+    monkeypatch.setattr(memory_mod, "cpu_has_bf16_matmul", lambda: False)  # emulated bfloat16: float32
+    mem(q)
+    assert len(calls) == 1
+
+
+def _reference(teacher: Teacher, x: torch.Tensor, n_taps: int) -> list[torch.Tensor]:
+    """The package's own modules, block by block (BatchNorm, TF padding and ReLU6 unfused)."""
+    net = teacher.net
+    x = net._swish(net._bn0(net._conv_stem(teacher.normalise(x))))
+    outs = []
+    for i, block in enumerate(net._blocks[: teacher.taps[n_taps - 1] + 1]):
+        x = block(x)
+        if i in teacher.taps:
+            outs.append(x)
+    return outs
+
+
+@pytest.mark.parametrize("size", [64, 97])  # 97: odd, so the stride-2 convolutions pad asymmetrically
+def test_folded_lite_teacher_equals_the_package_network(size):
+    teacher = Teacher("efficientnet_lite0", size)
+    teacher.load_pretrained()
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+    with torch.no_grad():
+        for n_taps in (1, 3):
+            got, ref = teacher(x, n_taps), _reference(teacher, x, n_taps)
+            assert len(got) == n_taps
+            for g, r in zip(got, ref):
+                assert g.shape == r.shape and g.is_contiguous()
+                torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))
+
+
+def test_folded_teacher_is_rebuilt_when_its_weights_change():
+    teacher = Teacher("efficientnet_lite0", 64)  # random weights
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        before = teacher(x)[0].clone()
+        teacher.load_pretrained()  # copies into the same tensors: only their versions change
+        after = teacher(x)[0]
+        assert not torch.allclose(before, after)
+        torch.testing.assert_close(after, _reference(teacher, x, 1)[0], rtol=1e-4, atol=1e-3)
