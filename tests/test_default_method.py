@@ -24,16 +24,17 @@ def test_the_default_method_is_gtrans_memory_everywhere():
     assert parser.parse_args(["fit", "--data", "d", "--out", "m.safetensors"]).method == DEFAULT_METHOD
     assert parser.parse_args(["demo"]).method == DEFAULT_METHOD
     cfg = anomap.create().config
-    assert (cfg.memory, cfg.memory_pool_pad, cfg.image_size, cfg.teacher_arch) == ("only", "zeros", 320,
-                                                                                  "efficientnet_lite0")
+    assert (cfg.memory, cfg.memory_pool_pad, cfg.image_size, cfg.teacher_arch, cfg.memory_image_norm) == (
+        "only", "zeros", 320, "efficientnet_lite0", "location")
     gtrans = anomap.create("gtrans").config  # the paper's student keeps its own defaults
-    assert (gtrans.memory, gtrans.image_size) == ("off", 224)
+    assert (gtrans.memory, gtrans.image_size, gtrans.memory_image_norm) == ("off", 224, "same")
 
 
 def test_gtrans_memory_is_gtrans_with_memory_only_and_saves_no_student(tmp_path):
     data = make_category(tmp_path / "cat", size=64)
     det = anomap.create(**SMALL).fit(data, out=tmp_path / "m.safetensors", progress=False)
-    twin = anomap.create("gtrans", **SMALL, memory="only", memory_pool_pad="zeros").fit(data, progress=False)
+    twin = anomap.create("gtrans", **SMALL, memory="only", memory_pool_pad="zeros",
+                         memory_image_norm="location").fit(data, progress=False)
     assert det.info["steps"] == {} and not any(k.startswith("student.") for k in det.model.state_dict())
     torch.testing.assert_close(det.model.memory.bank, twin.model.memory.bank, rtol=0, atol=0)
     images = sorted((data / "test").glob("*/*.png"))

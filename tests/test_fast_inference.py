@@ -93,7 +93,7 @@ def test_folded_lite_teacher_equals_the_package_network(size):
         for n_taps in (1, 3):
             got, ref = teacher(x, n_taps), _reference(teacher, x, n_taps)
             assert len(got) == n_taps
-            for g, r in zip(got, ref):
+            for g, r in zip(got, ref, strict=True):
                 assert g.shape == r.shape and g.is_contiguous()
                 torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4 * float(r.abs().max()))
 

@@ -131,6 +131,7 @@ def test_memory_add_keeps_the_bank_while_there_is_room_and_rethins_when_full():
     ({"memory_pool": 0}, "memory_pool"),
     ({"memory_pool_pad": "reflect"}, "memory_pool_pad"),
     ({"memory_norm": "quantile"}, "memory_norm"),
+    ({"memory_image_norm": "cell"}, "memory_image_norm"),
     ({"memory_ratio": 0.0}, "memory_ratio"),
     ({"memory_ratio": 1.5}, "memory_ratio"),
     ({"memory_max": 0}, "memory_max"),
@@ -206,12 +207,30 @@ def test_memory_norm_location_divides_each_cell_by_its_heldout_mean():
     d = m.memory.distance_map(feats, *m._feat_stats())
     m.memory.calibrate(d, prior=0.0)  # no shrinkage: each cell's held-out mean, over the overall mean
     torch.testing.assert_close(m.memory.mean_loc, (d.mean(0) / d.mean()).float(), rtol=1e-5, atol=1e-6)
-    loc = m.memory.normalised_map(feats, *m._feat_stats(), location=True)
+    loc, plain = m.memory.normalised_maps(feats, *m._feat_stats(), ("location", "scale"))
     torch.testing.assert_close(loc.mean(0), torch.ones(8, 8), rtol=1e-4, atol=1e-4)  # every cell's mean is 1
-    plain = m.memory.normalised_map(feats, *m._feat_stats(), location=False)
     torch.testing.assert_close(plain, d / m.memory.mean_dist)
     m.memory.calibrate(d, prior=1e9)  # an overwhelming prior: every cell at the overall mean
     torch.testing.assert_close(m.memory.mean_loc, torch.ones(8, 8), rtol=1e-5, atol=1e-5)
+
+
+def test_memory_image_norm_scores_images_on_their_own_map_and_leaves_the_anomaly_map():
+    m, _ = _tiny_memory_model("only", memory_norm="scale", smoothing_sigma=0.0)
+    held = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+    m.calibrate(held)
+    m.memory.mean_loc.copy_(torch.linspace(0.5, 2.0, 64).reshape(8, 8))  # cells that count differently
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    scores, amap = m.predict(x)
+    m.config.memory_image_norm = "location"
+    loc_scores, loc_amap = m.predict(x)
+    torch.testing.assert_close(loc_amap, amap)  # the anomaly map keeps memory_norm=scale
+    m.config.memory_norm, m.config.memory_image_norm = "location", "same"
+    loc_scores_alone, loc_map = m.predict(x)
+    torch.testing.assert_close(loc_scores, loc_scores_alone)  # the image score of memory_norm=location
+    torch.testing.assert_close(loc_scores, loc_map.flatten(1).max(1).values)
+    assert not torch.allclose(loc_scores, scores)
+    m.config.memory_norm, m.config.memory_image_norm = "scale", "scale"  # = same
+    torch.testing.assert_close(m.predict(x)[0], scores)
 
 
 def test_memory_pool_pad_zeros_shrinks_only_the_border_cells():

@@ -2,16 +2,18 @@
 
 The teacher is frozen (eval-mode BatchNorm), so ``bn(conv(x)) = conv'(x)`` with
 ``w' = w * g / sqrt(v + eps)`` and ``b' = beta - m * g / sqrt(v + eps)`` per output channel: the same
-result up to float rounding, without the BatchNorm passes (about a tenth of the teacher's time on
-2 cores). TF "same" padding that is symmetric goes into the convolution itself instead of a separate
-zero-pad copy; ReLU6 runs in place; activations and weights are channels-last (oneDNN's depthwise
-convolutions ran about 1.5x faster so on 2 cores), the returned maps contiguous as usual. The network's modules and weights are left as they are (the model
-file keeps the package's layout); :class:`FoldedLite` only reads them.
+result up to float rounding, without the BatchNorm passes. TF "same" padding that is symmetric goes into
+the convolution itself instead of a separate zero-pad copy; ReLU6 runs in place; activations and
+weights are channels-last (oneDNN's depthwise convolutions are faster so). Altogether the Lite0 teacher
+at 320 px ran in 16 ms instead of 30 ms per image on 2 cores (2.6x faster at batch 8). The returned maps
+are contiguous as usual. The network's modules and weights are left as they are (the model file keeps
+the package's layout); :class:`FoldedLite` only reads them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +35,9 @@ class _Conv:
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
 
 
-def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> _Conv:
-    """``bn(conv(x))`` (BatchNorm in eval mode) as one convolution; padding taken from the conv."""
+def fold(conv: Any, bn: Any) -> _Conv:
+    """``bn(conv(x))`` (an ``nn.Conv2d`` and an ``nn.BatchNorm2d`` in eval mode) as one convolution;
+    padding taken from the conv (its own and a TF-style ``static_padding``)."""
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     bias = bn.bias - bn.running_mean * scale
     if conv.bias is not None:
@@ -51,14 +54,14 @@ def fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> _Conv:
     return _Conv(weight.detach(), bias.detach().contiguous(), stride, conv.groups, padding, pad)
 
 
-def _act(module: nn.Module, x: Tensor) -> Tensor:
+def _act(module: Any, x: Tensor) -> Tensor:
     return F.relu6(x, inplace=True) if isinstance(module, nn.ReLU6) else module(x)
 
 
 class _Block:
     """One MBConv block of EfficientNet-Lite (no squeeze-excitation) with folded convolutions."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: Any):
         if block.has_se:
             raise ValueError("FoldedLite supports EfficientNet-Lite blocks only (no squeeze-excitation)")
         args = block._block_args
@@ -79,7 +82,7 @@ class FoldedLite:
     """The stem and ``n_blocks`` first blocks of an EfficientNet-Lite ``net``, folded; call with the
     normalised input and the block indices to return (in order)."""
 
-    def __init__(self, net: nn.Module, n_blocks: int):
+    def __init__(self, net: Any, n_blocks: int):
         with torch.no_grad():
             self.stem = fold(net._conv_stem, net._bn0)
             self.act = net._swish

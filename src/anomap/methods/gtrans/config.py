@@ -16,6 +16,7 @@ MAP_NORMS = ("scale", "location", "quantile")
 MEMORY_MODES = ("off", "fused", "only")
 POOL_PADS = ("none", "zeros")
 MEMORY_NORMS = ("scale", "location")
+IMAGE_NORMS = ("same", *MEMORY_NORMS)
 
 
 @dataclass
@@ -76,6 +77,9 @@ class GTransConfig(MethodConfig):
             held-out normals) or "location" (also by each cell's held-out mean relative to that, shrunk
             toward 1 like ``map_norm=location``: cells where normal images sit far from the memory, such as
             the borders, count less). Scoring only.
+        memory_image_norm: the same choice for the memory's part of the map the image score is taken
+            from ("same": ``memory_norm``'s map, no second map); the anomaly map keeps ``memory_norm``.
+            Scoring only.
         memory_ratio: the memory keeps a greedy coreset of this fraction of the fit images' patches ...
         memory_max: ... but at most this many (rows of the bank; each costs ``4 x channels`` bytes in the
             file and one multiply-add per channel per query patch at inference).
@@ -116,6 +120,7 @@ class GTransConfig(MethodConfig):
     memory_pool: int = 3
     memory_pool_pad: str = "none"
     memory_norm: str = "scale"
+    memory_image_norm: str = "same"
     memory_ratio: float = 0.1
     memory_max: int = 16384
     memory_weight: float = 0.5
@@ -124,7 +129,8 @@ class GTransConfig(MethodConfig):
     SCORING_KEYS: ClassVar[tuple[str, ...]] = MethodConfig.SCORING_KEYS + ("smoothing_sigma", "distance", "map_heads",
                                                                           "map_norm", "image_score",
                                                                           "topk_fraction", "map_scales",
-                                                                          "memory_weight", "memory_norm")
+                                                                          "memory_weight", "memory_norm",
+                                                                          "memory_image_norm")
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {
             "image_size": 256,
@@ -198,6 +204,7 @@ class GTransConfig(MethodConfig):
                               fix="use 1 (no local aggregation) or e.g. 3")
         check_choice("memory_pool_pad", self.memory_pool_pad, POOL_PADS)
         check_choice("memory_norm", self.memory_norm, MEMORY_NORMS)
+        check_choice("memory_image_norm", self.memory_image_norm, IMAGE_NORMS)
         if not 0.0 < self.memory_ratio <= 1.0:
             raise ConfigError(f"memory_ratio={self.memory_ratio} must be in (0, 1].", fix="use e.g. 0.1")
         if self.memory_max < 1:

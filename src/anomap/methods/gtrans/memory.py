@@ -101,12 +101,13 @@ class GTransMemory(PatchMemory):
         if d.shape[-2:] == self.mean_loc.shape:
             self.mean_loc.copy_(location_ratio(d, m, prior).to(self.mean_loc))
 
-    def normalised_map(self, feats: list[Tensor], means: list[Tensor], stds: list[Tensor], location: bool) -> Tensor:
-        """The distance map over ``mean_dist`` (B, h, w), and with ``location`` over ``mean_loc`` as well."""
+    def normalised_maps(self, feats: list[Tensor], means: list[Tensor], stds: list[Tensor],
+                        norms: tuple[str, ...]) -> list[Tensor]:
+        """The distance map over ``mean_dist`` (B, h, w), once per entry of ``norms``: "scale" as it is,
+        "location" over ``mean_loc`` as well (one kNN search for all)."""
         d = self.distance_map(feats, means, stds) / self.mean_dist
-        if location and d.shape[-2:] == self.mean_loc.shape:
-            d = d / self.mean_loc
-        return d
+        per_cell = d.shape[-2:] == self.mean_loc.shape
+        return [d / self.mean_loc if norm == "location" and per_cell else d for norm in norms]
 
     def build(self, rows: Tensor, ratio: float, max_rows: int, seed: int) -> None:
         """The bank = a greedy coreset of ``ceil(ratio * N)`` (at most ``max_rows``) of ``rows`` (N, D)."""

@@ -307,21 +307,27 @@ class GTrans(Method):
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         size = (int(images.shape[-2]), int(images.shape[-1]))
         raw = self._teacher(images)
-        mode, w = self.config.memory, self.config.memory_weight
-        if mode == "only":
-            amap = self._memory_map(raw, size)
+        cfg = self.config
+        mode, w = cfg.memory, cfg.memory_weight
+        if mode == "off":
+            maps = [self._student_map(images, raw, size)]
         else:
-            amap = self._student_map(images, raw, size)
+            norms = (cfg.memory_norm,) if cfg.memory_image_norm in ("same", cfg.memory_norm) else \
+                (cfg.memory_norm, cfg.memory_image_norm)
+            maps = self._memory_maps(raw, size, norms)  # [the anomaly map's, the image score's if another]
             if mode == "fused":
-                amap = (1.0 - w) * amap + w * self._memory_map(raw, size)
-        amap = gaussian_blur(amap, self.config.smoothing_sigma)
-        return reduce_map(amap, self.config.image_score, self.config.topk_fraction), amap
+                student = self._student_map(images, raw, size)
+                maps = [(1.0 - w) * student + w * m for m in maps]
+        amap = gaussian_blur(maps[0], cfg.smoothing_sigma)
+        for_image = amap if len(maps) == 1 else gaussian_blur(maps[1], cfg.smoothing_sigma)
+        return reduce_map(for_image, cfg.image_score, cfg.topk_fraction), amap
 
-    def _memory_map(self, raw: list[Tensor], size: tuple[int, int]) -> Tensor:
-        """The memory's distances over their held-out mean, upsampled to ``size`` (B, H, W); not blurred."""
+    def _memory_maps(self, raw: list[Tensor], size: tuple[int, int], norms: tuple[str, ...]) -> list[Tensor]:
+        """The memory's distances over their held-out mean (``norms``: see ``GTransMemory.normalised_maps``),
+        upsampled to ``size`` (B, H, W); not blurred."""
         assert self.memory is not None
-        d = self.memory.normalised_map(raw, *self._feat_stats(), self.config.memory_norm == "location")
-        return F.interpolate(d.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
+        return [F.interpolate(d.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
+                for d in self.memory.normalised_maps(raw, *self._feat_stats(), norms)]
 
     def _student_map(self, images: Tensor, raw: list[Tensor], size: tuple[int, int]) -> Tensor:
         """The student's normalised discrepancy, averaged over the map's scales and heads (B, H, W); not blurred."""
