@@ -1,4 +1,5 @@
-"""`anomap serve` as a process: SIGHUP reloads the model file, and the CLI's batching options arrive."""
+"""`anomap serve` as a process: SIGHUP reloads the model file, the CLI's batching options arrive, and
+`--backend auto` picks the faster backend."""
 
 from __future__ import annotations
 
@@ -86,3 +87,19 @@ def test_auto_backend_falls_back_to_torch_when_the_export_fails(model, monkeypat
     assert be.name == "torch" and be.source is None
     assert "export at start-up failed" in caplog.text and "exporter broke" in caplog.text
     assert fastest.open_fastest(path, "torch", device=None, threads=1, batch_size=4, compile=False).name == "torch"
+
+
+def test_auto_backend_serves_a_memory_model_with_pytorch_where_bfloat16_is_native(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    import anomap.nn.memory as memory_mod
+    import anomap.serve.fastest as fastest
+    from conftest import make_category
+
+    path = tmp_path / "mem.safetensors"
+    anomap.create("gtrans_memory", image_size=64, device="cpu", num_threads=1, min_heldout=3).fit(
+        make_category(tmp_path / "cat", size=64), out=path, progress=False)
+    monkeypatch.setattr(memory_mod, "cpu_has_bf16_matmul", lambda: True)
+    assert fastest.open_fastest(path, None, device=None, threads=1, batch_size=4, compile=False).name == "torch"
+    monkeypatch.setattr(memory_mod, "cpu_has_bf16_matmul", lambda: False)
+    be = fastest.open_fastest(path, None, device=None, threads=1, batch_size=4, compile=False)
+    assert be.name == "onnx" and be.source == path

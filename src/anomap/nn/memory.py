@@ -299,3 +299,9 @@ class PatchMemory(nn.Module):
         if isinstance(saved, Tensor) and saved.ndim == 2 and saved.shape[1] == self.bank.shape[1]:
             self.bank = torch.zeros(saved.shape, dtype=self.bank.dtype, device=self.bank.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def uses_bf16_search(module: nn.Module) -> bool:
+    """Whether ``module`` holds a non-empty :class:`PatchMemory` that searches in bfloat16 here (eager
+    PyTorch then beats onnxruntime's float32 search on such a model: see ``anomap.serve.fastest``)."""
+    return any(isinstance(m, PatchMemory) and len(m) and m._use_bf16() for m in module.modules())

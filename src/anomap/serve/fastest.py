@@ -1,7 +1,10 @@
 """The fastest backend a model file has, for ``anomap serve`` (``--backend auto``, the default).
 
-On a CPU, onnxruntime scores anomap's models 1.3-1.65x faster than eager PyTorch (docs/benchmarks.md).
-So a ``.safetensors`` model is exported to ONNX at start-up (and again on every reload) into a private
+On a CPU, onnxruntime scores anomap's models 1.3-1.65x faster than eager PyTorch (docs/benchmarks.md),
+except a model with a kNN memory on a CPU that multiplies bfloat16 natively: PyTorch's bfloat16 search
+(``anomap.nn.memory.nearest_distance``) made eager PyTorch 1.03-1.21x faster than onnxruntime's float32
+product for ``gtrans_memory`` (docs/experiments/2026-12-faster-memory.md), so PyTorch serves those. Any
+other ``.safetensors`` model is exported to ONNX at start-up (and again on every reload) into a private
 temporary folder, its parity with PyTorch is checked as ``anomap export`` checks it (on the held-out
 normal images when the training folder is still there, else on generated images), and onnxruntime
 serves it. When onnxruntime is not installed, the model is on a GPU, ``--compile`` was asked for, or the
@@ -23,6 +26,7 @@ from PIL import Image
 from anomap.detector import Detector
 from anomap.errors import AnomapError
 from anomap.export.onnx import export_onnx, heldout_images
+from anomap.nn.memory import uses_bf16_search
 from anomap.runtime.backend import Backend, OnnxBackend, load_backend
 
 log = logging.getLogger("anomap.serve")
@@ -71,6 +75,9 @@ def open_fastest(model: str | Path, backend: str | None, *, device: str | None, 
                     "serves faster)")
         return torch_backend()
     det = Detector.load(path, device="cpu")
+    if uses_bf16_search(det.require_model()):
+        log.info("serving with PyTorch eager: its bfloat16 kNN search is faster on this CPU than onnxruntime")
+        return torch_backend()
     folder = Path(tempfile.mkdtemp(prefix="export-", dir=_work_dir()))
     try:
         images = heldout_images(det) or _generated_images(det, folder)

@@ -9,7 +9,7 @@ memory; a test patch's distance to its nearest remembered patch, divided by the 
 normals, is the map (Gaussian-blurred). The image score is the maximum of the same distances divided,
 in addition, by each cell's own held-out mean (``memory_image_norm=location``: cells where normal
 images sit far from the memory, such as the borders, count less for detection), blurred alike.
-Nothing is trained, so a fit takes seconds to a minute on a 2-core CPU (5-35 s on the dev datasets),
+Nothing is trained, so a fit takes seconds on a 2-core CPU (5-29 s on the dev datasets),
 and ``add_normals`` teaches it new normal images without retraining.
 
 It is registered under its own name so that ``gtrans`` keeps the paper's student at its own defaults.
