@@ -201,7 +201,7 @@ class Teacher(nn.Module):
     def folded(self) -> FoldedLite:
         """The EfficientNet with its BatchNorms folded (:mod:`anomap.nn.lite_fused`), up to the last tap;
         rebuilt whenever a weight or statistic changed (loading, ``.to(device)``)."""
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in self.net.state_dict().values())
+        key = tuple((t.data_ptr(), t._version, t.dtype) for t in (*self.net.parameters(), *self.net.buffers()))
         if self._folded is None or self._folded[0] != key:
             self._folded = (key, FoldedLite(self.net, self.taps[-1] + 1))
         return self._folded[1]
