@@ -132,6 +132,7 @@ def test_memory_add_keeps_the_bank_while_there_is_room_and_rethins_when_full():
     ({"memory_pool_pad": "reflect"}, "memory_pool_pad"),
     ({"memory_norm": "quantile"}, "memory_norm"),
     ({"memory_image_norm": "cell"}, "memory_image_norm"),
+    ({"memory_metric": "cosine"}, "memory_metric"),
     ({"memory_ratio": 0.0}, "memory_ratio"),
     ({"memory_ratio": 1.5}, "memory_ratio"),
     ({"memory_max": 0}, "memory_max"),
@@ -231,6 +232,20 @@ def test_memory_image_norm_scores_images_on_their_own_map_and_leaves_the_anomaly
     assert not torch.allclose(loc_scores, scores)
     m.config.memory_norm, m.config.memory_image_norm = "scale", "scale"  # = same
     torch.testing.assert_close(m.predict(x)[0], scores)
+
+
+def test_memory_metric_mahalanobis_whitens_the_fit_rows_and_every_query():
+    plain, imgs = _tiny_memory_model("only")
+    assert torch.equal(plain.memory.whiten, torch.eye(152))
+    m, _ = _tiny_memory_model("only", memory_metric="mahalanobis")
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
+    before = plain.memory.standardise(plain.memory.rows(plain._teacher(x))[0], *plain._feat_stats())
+    after = m.memory.standardise(m.memory.rows(m._teacher(x))[0], *m._feat_stats())  # as queries are
+    lam = torch.linalg.eigvalsh(torch.cov(before.double().T)).clamp_min(0)
+    # (C + 0.01 I)^-1/2 C (C + 0.01 I)^-1/2 has the eigenvalues lambda / (lambda + 0.01)
+    torch.testing.assert_close(torch.linalg.eigvalsh(torch.cov(after.double().T)), lam / (lam + 0.01),
+                               rtol=1e-3, atol=1e-3)
+    assert max(float((after - b).abs().sum(1).min()) for b in m.memory.bank[:20]) < 1e-2  # bank rows are such rows
 
 
 def test_memory_pool_pad_zeros_shrinks_only_the_border_cells():

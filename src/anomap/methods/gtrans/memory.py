@@ -37,6 +37,7 @@ from torch import Tensor
 from anomap.nn.filters import location_ratio
 from anomap.nn.memory import PatchMemory, greedy_coreset_radius
 
+WHITEN_RIDGE = 0.01  # added to the covariance's diagonal before it is inverted (standardised features: variance ~1)
 CANDIDATES_PER_ROW = 10  # coreset candidates per bank row: all fit rows up to 10 x memory_max (163,840 rows)
 PROJ_DIM = 128  # PatchCore's random projection for the coreset's distances
 RADIUS_SLACK = 1e-3  # add() stops within this fraction of the radius: rounding must not add a fit row again
@@ -58,15 +59,20 @@ class GTransMemory(PatchMemory):
     mean_dist: Tensor  # registered buffers
     mean_loc: Tensor
     radius: Tensor
+    whiten: Tensor
 
-    def __init__(self, index: list[int], channels: list[int], pool: int, grid: int, pool_pad: str = "none"):
+    def __init__(self, index: list[int], channels: list[int], pool: int, grid: int, pool_pad: str = "none",
+                 metric: str = "diagonal"):
         super().__init__(sum(channels))
         self.index, self.pool, self.pad_zeros = index, pool, pool_pad == "zeros"
+        self.whitened = metric == "mahalanobis"
         self.register_buffer("mean_dist", torch.ones(()))
         # memory_norm=location: each cell's held-out mean distance over mean_dist (grid x grid, shrunk toward 1)
         self.register_buffer("mean_loc", torch.ones(grid, grid))
         # the coreset's covering radius: squared projected distance of the farthest fit row from the bank
         self.register_buffer("radius", torch.zeros(()))
+        # memory_metric=mahalanobis: standardised rows times this (D, D), (cov + WHITEN_RIDGE I)^-1/2 of the fit rows
+        self.register_buffer("whiten", torch.eye(sum(channels)))
 
     def rows(self, feats: list[Tensor]) -> tuple[Tensor, tuple[int, int, int]]:
         """Patch features (B*h*w, D) of gtrans's teacher features ``feats``, not standardised, and (B, h, w)."""
@@ -82,10 +88,22 @@ class GTransMemory(PatchMemory):
         return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), (x.shape[0], x.shape[2], x.shape[3])
 
     def standardise(self, rows: Tensor, means: list[Tensor], stds: list[Tensor]) -> Tensor:
-        """``rows`` (N, D) standardised per channel with gtrans's per-scale ``feat_mean`` / ``feat_std``."""
+        """``rows`` (N, D) standardised per channel with gtrans's per-scale ``feat_mean`` / ``feat_std``, then
+        times ``whiten`` (the identity unless ``memory_metric=mahalanobis``)."""
         mean = torch.cat([means[k].flatten() for k in self.index])
         std = torch.cat([stds[k].flatten() for k in self.index])
-        return (rows - mean) / std
+        rows = (rows - mean) / std
+        return rows @ self.whiten if self.whitened else rows
+
+    def fit_whitening(self, rows: Tensor) -> Tensor:
+        """Set ``whiten`` to ``(C + WHITEN_RIDGE I)^-1/2`` of the standardised fit rows' covariance ``C`` (a
+        Mahalanobis distance under their spread, PaDiM's ridge); returns ``rows`` whitened."""
+        x = rows.double()
+        x = x - x.mean(0)
+        cov = x.T @ x / max(len(x) - 1, 1)
+        vals, vecs = torch.linalg.eigh(cov + WHITEN_RIDGE * torch.eye(len(cov), dtype=cov.dtype, device=cov.device))
+        self.whiten.copy_((vecs * vals.clamp_min(WHITEN_RIDGE).rsqrt()) @ vecs.T)
+        return rows @ self.whiten
 
     def distance_map(self, feats: list[Tensor], means: list[Tensor], stds: list[Tensor]) -> Tensor:
         """Each cell's distance to its nearest bank row (B, h, w), not normalised."""

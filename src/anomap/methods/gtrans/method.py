@@ -105,7 +105,7 @@ class GTrans(Method):
             index = [self.scales.index(s) for s in config.memory_scales_used]
             grid = config.image_size // strides[index[0]]
             self.memory = GTransMemory(index, [out_ch[k] for k in index], config.memory_pool, grid,
-                                       config.memory_pool_pad)
+                                       config.memory_pool_pad, config.memory_metric)
 
     # --- training -------------------------------------------------------------------------------
     def stages(self, n_fit: int) -> list[Stage]:
@@ -171,6 +171,8 @@ class GTrans(Method):
             self._cache_index = {_image_key(img): j for j, img in enumerate(fit_images)}
         if self.memory is not None:
             fit_rows = self.memory.standardise(torch.cat(rows), *self._feat_stats())
+            if self.memory.whitened:
+                fit_rows = self.memory.fit_whitening(fit_rows)
             self.memory.build(fit_rows, self.config.memory_ratio, self.config.memory_max, self.config.seed)
 
     @torch.no_grad()
