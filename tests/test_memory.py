@@ -133,6 +133,7 @@ def test_memory_add_keeps_the_bank_while_there_is_room_and_rethins_when_full():
     ({"memory_norm": "quantile"}, "memory_norm"),
     ({"memory_image_norm": "cell"}, "memory_image_norm"),
     ({"memory_metric": "cosine"}, "memory_metric"),
+    ({"memory_balance": "equal"}, "memory_balance"),
     ({"memory_ratio": 0.0}, "memory_ratio"),
     ({"memory_ratio": 1.5}, "memory_ratio"),
     ({"memory_max": 0}, "memory_max"),
@@ -246,6 +247,16 @@ def test_memory_metric_mahalanobis_whitens_the_fit_rows_and_every_query():
     torch.testing.assert_close(torch.linalg.eigvalsh(torch.cov(after.double().T)), lam / (lam + 0.01),
                                rtol=1e-3, atol=1e-3)
     assert max(float((after - b).abs().sum(1).min()) for b in m.memory.bank[:20]) < 1e-2  # bank rows are such rows
+
+
+def test_memory_balance_scales_weighs_each_scale_block_alike():
+    plain, imgs = _tiny_memory_model("only")
+    m, _ = _tiny_memory_model("only", memory_balance="scales")
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
+    before = plain.memory.standardise(plain.memory.rows(plain._teacher(x))[0], *plain._feat_stats())
+    after = m.memory.standardise(m.memory.rows(m._teacher(x))[0], *m._feat_stats())
+    w8, w16 = (152 / (2 * 40)) ** 0.5, (152 / (2 * 112)) ** 0.5  # Lite0: 40 channels at stride 8, 112 at 16
+    torch.testing.assert_close(after, torch.cat([before[:, :40] * w8, before[:, 40:] * w16], 1))
 
 
 def test_memory_pool_pad_zeros_shrinks_only_the_border_cells():

@@ -83,6 +83,9 @@ class GTransConfig(MethodConfig):
         memory_metric: "diagonal": the memory's features are standardised per channel (a diagonal
             Mahalanobis distance); "mahalanobis": also decorrelated, times ``(C + 0.01 I)^-1/2`` of their
             covariance ``C`` over the fit images' patches (PaDiM's distance, one for all locations).
+        memory_balance: "channels": every standardised channel weighs alike, so a scale counts by its
+            channel count (Lite0: 40 at stride 8, 112 at stride 16); "scales": each scale's block is
+            multiplied by ``sqrt(sum(C) / (n_scales * C_k))``, as if every scale had as many channels.
         memory_ratio: the memory keeps a greedy coreset of this fraction of the fit images' patches ...
         memory_max: ... but at most this many (rows of the bank; each costs ``4 x channels`` bytes in the
             file and one multiply-add per channel per query patch at inference).
@@ -125,6 +128,7 @@ class GTransConfig(MethodConfig):
     memory_norm: str = "scale"
     memory_image_norm: str = "same"
     memory_metric: str = "diagonal"
+    memory_balance: str = "channels"
     memory_ratio: float = 0.1
     memory_max: int = 16384
     memory_weight: float = 0.5
@@ -210,6 +214,7 @@ class GTransConfig(MethodConfig):
         check_choice("memory_norm", self.memory_norm, MEMORY_NORMS)
         check_choice("memory_image_norm", self.memory_image_norm, IMAGE_NORMS)
         check_choice("memory_metric", self.memory_metric, ("diagonal", "mahalanobis"))
+        check_choice("memory_balance", self.memory_balance, ("channels", "scales"))
         if not 0.0 < self.memory_ratio <= 1.0:
             raise ConfigError(f"memory_ratio={self.memory_ratio} must be in (0, 1].", fix="use e.g. 0.1")
         if self.memory_max < 1:

@@ -105,7 +105,7 @@ class GTrans(Method):
             index = [self.scales.index(s) for s in config.memory_scales_used]
             grid = config.image_size // strides[index[0]]
             self.memory = GTransMemory(index, [out_ch[k] for k in index], config.memory_pool, grid,
-                                       config.memory_pool_pad, config.memory_metric)
+                                       config.memory_pool_pad, config.memory_metric, config.memory_balance)
 
     # --- training -------------------------------------------------------------------------------
     def stages(self, n_fit: int) -> list[Stage]:
