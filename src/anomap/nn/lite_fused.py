@@ -69,8 +69,8 @@ class _Block:
         self.expand = fold(block._expand_conv, block._bn0) if args.expand_ratio != 1 else None
         self.depthwise = fold(block._depthwise_conv, block._bn1)
         self.project = fold(block._project_conv, block._bn2)
-        self.skip = bool(block.id_skip and args.stride in (1, [1], (1,), [1, 1], (1, 1))
-                         and args.input_filters == args.output_filters)
+        # the package's own rule (its forward): stride is 1 or, in a stage's first block, a list
+        self.skip = bool(block.id_skip and args.stride == 1 and args.input_filters == args.output_filters)
 
     def __call__(self, inputs: Tensor) -> Tensor:
         x = inputs if self.expand is None else _act(self.act, self.expand(inputs))

@@ -60,18 +60,16 @@ class GTransMemory(PatchMemory):
     mean_loc: Tensor
     radius: Tensor
     whiten: Tensor
-    balance: Tensor
+    balance: Tensor | None
 
     def __init__(self, index: list[int], channels: list[int], pool: int, grid: int, pool_pad: str = "none",
                  metric: str = "diagonal", balance: str = "channels"):
         super().__init__(sum(channels))
         self.index, self.pool, self.pad_zeros = index, pool, pool_pad == "zeros"
         self.whitened = metric == "mahalanobis"
-        # memory_balance=scales: each scale's standardised block times sqrt(sum(C) / (len(C) * C_k))
-        w = [math.sqrt(sum(channels) / (len(channels) * c)) if balance == "scales" else 1.0 for c in channels]
-        self.register_buffer("balance", torch.cat([torch.full((c,), wk) for c, wk in zip(channels, w, strict=True)]),
-                             persistent=False)
-        self.balanced = balance == "scales"
+        # memory_balance=scales: each scale's standardised block times sqrt(sum(C) / (len(C) * C_k)); else None
+        weights = [torch.full((c,), math.sqrt(sum(channels) / (len(channels) * c))) for c in channels]
+        self.register_buffer("balance", torch.cat(weights) if balance == "scales" else None, persistent=False)
         self.register_buffer("mean_dist", torch.ones(()))
         # memory_norm=location: each cell's held-out mean distance over mean_dist (grid x grid, shrunk toward 1)
         self.register_buffer("mean_loc", torch.ones(grid, grid))
@@ -99,7 +97,7 @@ class GTransMemory(PatchMemory):
         mean = torch.cat([means[k].flatten() for k in self.index])
         std = torch.cat([stds[k].flatten() for k in self.index])
         rows = (rows - mean) / std
-        if self.balanced:
+        if self.balance is not None:
             rows = rows * self.balance
         return rows @ self.whiten if self.whitened else rows
 
