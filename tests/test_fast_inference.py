@@ -1,13 +1,16 @@
-"""The two inference shortcuts: the bfloat16 nearest-row search (re-measured in float32) and the
-EfficientNet-Lite teacher with folded BatchNorms; both against the plain computation."""
+"""The inference shortcuts: the bfloat16 nearest-row search (re-measured in float32), the
+EfficientNet-Lite teacher with folded BatchNorms and the map's upsampling and blur as two matmuls; each
+against the plain computation."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import anomap.nn.memory as memory_mod
 from anomap.nn.efficientnet import Teacher
+from anomap.nn.filters import gaussian_blur, upsample_blur
 from anomap.nn.memory import PatchMemory, knn_distance, nearest_distance, search_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,10 +93,14 @@ def _reference(teacher: Teacher, x: torch.Tensor, n_taps: int) -> list[torch.Ten
     return outs
 
 
-@pytest.mark.parametrize("size", [64, 97])  # 97: odd, so the stride-2 convolutions pad asymmetrically
+# 64: even, so TF pads the stride-2 convolutions' ends more (kernels with leading zeros); 97: odd, symmetric
+@pytest.mark.parametrize("size", [64, 97])
 def test_folded_lite_teacher_equals_the_package_network(size):
     teacher = Teacher("efficientnet_lite0", size)
     teacher.load_pretrained()
+    folded = teacher.folded()
+    convs = [folded.stem, *(c for b in folded.blocks for c in (b.expand, b.depthwise, b.project) if c is not None)]
+    assert all(c.pad is None for c in convs)  # no padded copy of any input
     x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(size))
     with torch.no_grad():
         for n_taps in (1, 3):
@@ -113,3 +120,13 @@ def test_folded_teacher_is_rebuilt_when_its_weights_change():
         after = teacher(x)[0]
         assert not torch.allclose(before, after)
         torch.testing.assert_close(after, _reference(teacher, x, 1)[0], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize(("grid", "size", "sigma"), [((40, 40), (320, 320), 4.0), ((7, 9), (50, 61), 2.5),
+                                                     ((4, 4), (6, 6), 4.0), ((8, 8), (64, 64), 0.0)])
+def test_upsample_blur_equals_bilinear_resize_then_gaussian_blur(grid, size, sigma):
+    maps = torch.rand(3, *grid, generator=torch.Generator().manual_seed(1)) * 5
+    ref = gaussian_blur(F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0], sigma)
+    got = upsample_blur(maps, size, sigma)
+    assert got.shape == ref.shape == (3, *size)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # (4, 4) -> (6, 6): the blur's radius is clamped

@@ -46,8 +46,16 @@ def fold(conv: Any, bn: Any) -> _Conv:
     static = getattr(conv, "static_padding", None)
     lrtb = tuple(int(p) for p in static.padding) if isinstance(static, nn.ZeroPad2d) else (0, 0, 0, 0)
     left, right, top, bottom = lrtb
-    if (left, top) == (right, bottom):
-        padding, pad = (top + int(conv.padding[0]), left + int(conv.padding[1])), None
+    pad: tuple[int, int, int, int] | None = None
+    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    if (left, top) == (right, bottom) or (right >= left and bottom >= top and not tracing):
+        # TF pads the end more (stride 2 on an even size): pad both sides like the end, and give the kernel
+        # that many leading zero rows / columns, so each window still starts ``top`` / ``left`` before its
+        # stride's step; the output size is TF's too, and no padded copy of the input is made (not when
+        # built while tracing for ONNX: a padded kernel computed in the graph has no known shape there)
+        if (left, top) != (right, bottom):
+            weight = F.pad(weight, (right - left, 0, bottom - top, 0)).contiguous(memory_format=torch.channels_last)
+        padding = (bottom + int(conv.padding[0]), right + int(conv.padding[1]))
     else:
         padding, pad = (int(conv.padding[0]), int(conv.padding[1])), (left, right, top, bottom)
     stride = (int(conv.stride[0]), int(conv.stride[1]))
