@@ -139,6 +139,10 @@ def test_memory_add_keeps_the_bank_while_there_is_room_and_rethins_when_full():
     ({"memory_max": 0}, "memory_max"),
     ({"memory_weight": -0.1}, "memory_weight"),
     ({"memory_weight": 1.1}, "memory_weight"),
+    ({"memory_fine_weight": 101.0}, "memory_fine_weight"),
+    ({"memory_fine_weight": -0.1}, "memory_fine_weight"),
+    ({"memory_fine_weight": 0.4, "memory": "only", "memory_scales": [0]}, "two memory scales"),
+    ({"memory_fine_max": 0}, "memory_fine_max"),
 ])
 def test_memory_options_reject_bad_values_in_one_line(values, match):
     with pytest.raises(ConfigError, match=match) as err:
@@ -209,9 +213,10 @@ def test_memory_norm_location_divides_each_cell_by_its_heldout_mean():
     d = m.memory.distance_map(feats, *m._feat_stats())
     m.memory.calibrate(d, prior=0.0)  # no shrinkage: each cell's held-out mean, over the overall mean
     torch.testing.assert_close(m.memory.mean_loc, (d.mean(0) / d.mean()).float(), rtol=1e-5, atol=1e-6)
-    loc, plain = m.memory.normalised_maps(feats, *m._feat_stats(), ("location", "scale"))
+    loc, plain, fine = m.memory.normalised_maps(feats, *m._feat_stats(), "location", "scale")  # map, image score
     torch.testing.assert_close(loc.mean(0), torch.ones(8, 8), rtol=1e-4, atol=1e-4)  # every cell's mean is 1
     torch.testing.assert_close(plain, d / m.memory.mean_dist)
+    assert fine is None  # no fine memory by default
     m.memory.calibrate(d, prior=1e9)  # an overwhelming prior: every cell at the overall mean
     torch.testing.assert_close(m.memory.mean_loc, torch.ones(8, 8), rtol=1e-5, atol=1e-5)
 

@@ -78,14 +78,20 @@ class GTransConfig(MethodConfig):
             toward 1 like ``map_norm=location``: cells where normal images sit far from the memory, such as
             the borders, count less). Scoring only.
         memory_image_norm: the same choice for the memory's part of the map the image score is taken
-            from ("same": ``memory_norm``'s map, no second map); the anomaly map keeps ``memory_norm``.
-            Scoring only.
+            from ("same": ``memory_norm``'s); the anomaly map keeps ``memory_norm``. The image score never
+            reads the fine memory (``memory_fine_weight``). Scoring only.
         memory_metric: "diagonal": the memory's features are standardised per channel (a diagonal
             Mahalanobis distance); "mahalanobis": also decorrelated, times ``(C + 0.01 I)^-1/2`` of their
             covariance ``C`` over the fit images' patches (PaDiM's distance, one for all locations).
         memory_balance: "channels": every standardised channel weighs alike, so a scale counts by its
             channel count (Lite0: 40 at stride 8, 112 at stride 16); "scales": each scale's block is
             multiplied by ``sqrt(sum(C) / (n_scales * C_k))``, as if every scale had as many channels.
+        memory_fine_weight: > 0 adds the fine memory: a second bank of the finest memory scale's features
+            alone (the first block of the same rows, at most ``memory_fine_max`` of them); its distance map,
+            normalised like the memory's on held-out normals (mean 1) and blurred, adds its excess over 1
+            times this weight to the anomaly map: ``memory + w * max(fine - 1, 0)``. The image score does not
+            read it. One more nearest-row search per patch. 0: no fine memory. Needs two memory scales.
+        memory_fine_max: the fine memory's bank rows at most (a coreset, ``memory_ratio`` of the fit patches).
         memory_ratio: the memory keeps a greedy coreset of this fraction of the fit images' patches ...
         memory_max: ... but at most this many (rows of the bank; each costs ``4 x channels`` bytes in the
             file and one multiply-add per channel per query patch at inference).
@@ -129,6 +135,8 @@ class GTransConfig(MethodConfig):
     memory_image_norm: str = "same"
     memory_metric: str = "diagonal"
     memory_balance: str = "channels"
+    memory_fine_weight: float = 0.0
+    memory_fine_max: int = 4096
     memory_ratio: float = 0.1
     memory_max: int = 16384
     memory_weight: float = 0.5
@@ -219,5 +227,14 @@ class GTransConfig(MethodConfig):
             raise ConfigError(f"memory_ratio={self.memory_ratio} must be in (0, 1].", fix="use e.g. 0.1")
         if self.memory_max < 1:
             raise ConfigError(f"memory_max={self.memory_max} must be at least 1.", fix="use e.g. 16384")
+        if not 0.0 <= self.memory_fine_weight <= 100.0:
+            raise ConfigError(f"memory_fine_weight={self.memory_fine_weight} must be in [0, 100].",
+                              fix="use 0 (no fine memory) or e.g. 0.75")
+        if self.memory_fine_weight and self.memory != "off" and len(self.memory_scales_used) < 2:
+            raise ConfigError(f"memory_fine_weight={self.memory_fine_weight} needs two memory scales, "
+                              f"memory_scales={self.memory_scales_used} has one (it would be the memory itself).",
+                              fix="set memory_fine_weight=0, or memory_scales=[0, 1]")
+        if self.memory_fine_max < 1:
+            raise ConfigError(f"memory_fine_max={self.memory_fine_max} must be at least 1.", fix="use e.g. 4096")
         if not 0.0 <= self.memory_weight <= 1.0:
             raise ConfigError(f"memory_weight={self.memory_weight} must be in [0, 1].", fix="use e.g. 0.5")

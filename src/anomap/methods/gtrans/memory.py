@@ -24,6 +24,12 @@ The bank is a greedy coreset (:func:`anomap.nn.memory.greedy_coreset`) of the fi
 The memory map is each cell's distance to its nearest bank row, divided by its mean over held-out
 normals (``mean_dist``, set by gtrans's ``calibrate``) and, with ``memory_norm=location``, by that cell's
 own held-out mean relative to it (``mean_loc``).
+
+The fine memory (``memory_fine_weight`` > 0): a second bank of the finest scale's part of the same rows
+alone (a coreset of at most ``memory_fine_max`` of them), searched for every query as well and normalised
+alike. gtrans adds its excess over the held-out mean to the anomaly map, while the image score keeps this
+memory's own distances: the finest scale alone localises small defects better, the scales together
+detect better (docs/experiments/2026-12-fine-memory.md).
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ class GTransMemory(PatchMemory):
         pool_pad: ``memory_pool_pad``: "zeros" counts the zero padding in the border cells' averages
             (PatchCore's ``AvgPool2d``; the border cells' raw features shrink toward zero), "none" averages
             only the cells inside the map.
+        metric, balance: ``memory_metric``, ``memory_balance``.
+        fine: add the fine memory (``fine``; ``memory_fine_weight`` > 0).
     """
 
     mean_dist: Tensor  # registered buffers
@@ -63,8 +71,10 @@ class GTransMemory(PatchMemory):
     balance: Tensor | None
 
     def __init__(self, index: list[int], channels: list[int], pool: int, grid: int, pool_pad: str = "none",
-                 metric: str = "diagonal", balance: str = "channels"):
+                 metric: str = "diagonal", balance: str = "channels", fine: bool = False):
         super().__init__(sum(channels))
+        # memory_fine_weight > 0: the finest scale's block of the rows in a bank of its own (no fine of its own)
+        self.fine = GTransMemory(index[:1], channels[:1], pool, grid, pool_pad, metric) if fine else None
         self.index, self.pool, self.pad_zeros = index, pool, pool_pad == "zeros"
         self.whitened = metric == "mahalanobis"
         # memory_balance=scales: each scale's standardised block times sqrt(sum(C) / (len(C) * C_k)); else None
@@ -113,8 +123,20 @@ class GTransMemory(PatchMemory):
 
     def distance_map(self, feats: list[Tensor], means: list[Tensor], stds: list[Tensor]) -> Tensor:
         """Each cell's distance to its nearest bank row (B, h, w), not normalised."""
+        return self.distance_maps(feats, means, stds)[0]
+
+    def distance_maps(self, feats: list[Tensor], means: list[Tensor], stds: list[Tensor]) -> list[Tensor]:
+        """:meth:`distance_map`, then the fine memory's (B, h, w) when there is one (from the same rows)."""
         rows, (_, h, w) = self.rows(feats)
-        return self(self.standardise(rows, means, stds)).reshape(-1, h, w)  # -1: the batch stays dynamic in ONNX
+        out = [self(self.standardise(rows, means, stds)).reshape(-1, h, w)]  # -1: the batch stays dynamic in ONNX
+        if self.fine is not None:
+            out.append(self.fine(self.fine.standardise(self.fine_block(rows), means, stds)).reshape(-1, h, w))
+        return out
+
+    def fine_block(self, rows: Tensor) -> Tensor:
+        """The finest scale's columns of ``rows`` (N, D): the rows the fine memory would take from the same features."""
+        assert self.fine is not None
+        return rows[:, :self.fine.bank.shape[1]]
 
     def calibrate(self, dists: Tensor, prior: float) -> None:
         """``mean_dist`` and ``mean_loc`` from the held-out normals' distance maps ``dists`` (B, h, w); each cell's
@@ -125,13 +147,40 @@ class GTransMemory(PatchMemory):
         if d.shape[-2:] == self.mean_loc.shape:
             self.mean_loc.copy_(location_ratio(d, m, prior).to(self.mean_loc))
 
-    def normalised_maps(self, feats: list[Tensor], means: list[Tensor], stds: list[Tensor],
-                        norms: tuple[str, ...]) -> list[Tensor]:
-        """The distance map over ``mean_dist`` (B, h, w), once per entry of ``norms``: "scale" as it is,
-        "location" over ``mean_loc`` as well (one kNN search for all)."""
-        d = self.distance_map(feats, means, stds) / self.mean_dist
-        per_cell = d.shape[-2:] == self.mean_loc.shape
-        return [d / self.mean_loc if norm == "location" and per_cell else d for norm in norms]
+    def calibrate_all(self, dists: list[Tensor], prior: float) -> None:
+        """:meth:`calibrate` this memory and the fine one from ``distance_maps``' held-out maps (concatenated)."""
+        self.calibrate(dists[0], prior)
+        if self.fine is not None:
+            self.fine.calibrate(dists[1], prior)
+
+    def _normalised(self, d: Tensor, norm: str) -> Tensor:
+        """A distance map of this bank over ``mean_dist``, and for ``norm="location"`` over ``mean_loc`` as well."""
+        d = d / self.mean_dist
+        return d / self.mean_loc if norm == "location" and d.shape[-2:] == self.mean_loc.shape else d
+
+    def normalised_maps(self, feats: list[Tensor], means: list[Tensor], stds: list[Tensor], norm: str,
+                        image_norm: str) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(the anomaly map's, the image score's, the fine memory's) normalised distances (B, h, w), from one
+        search per bank: this bank's over ``mean_dist`` and, for "location", over ``mean_loc`` as well, by
+        ``norm`` and by ``image_norm`` ("same": ``norm``; then the very same tensor); the fine memory's by
+        ``norm`` (None without one)."""
+        dists = self.distance_maps(feats, means, stds)
+        main = self._normalised(dists[0], norm)
+        for_image = main if image_norm in ("same", norm) else self._normalised(dists[0], image_norm)
+        fine = self.fine._normalised(dists[1], norm) if self.fine is not None else None
+        return main, for_image, fine
+
+    def fit(self, rows: Tensor, means: list[Tensor], stds: list[Tensor], ratio: float, max_rows: int,
+            fine_max: int, seed: int) -> None:
+        """The bank(s) from the fit images' rows (N, D) as :meth:`rows` gives them: standardised (and
+        whitened, ``memory_metric=mahalanobis``), then :meth:`build`; the fine memory's from their finest
+        block, at most ``fine_max`` rows."""
+        std_rows = self.standardise(rows, means, stds)
+        if self.whitened:
+            std_rows = self.fit_whitening(std_rows)
+        self.build(std_rows, ratio, max_rows, seed)
+        if self.fine is not None:
+            self.fine.fit(self.fine_block(rows), means, stds, ratio, fine_max, 0, seed)
 
     def build(self, rows: Tensor, ratio: float, max_rows: int, seed: int) -> None:
         """The bank = a greedy coreset of ``ceil(ratio * N)`` (at most ``max_rows``) of ``rows`` (N, D)."""
@@ -140,6 +189,14 @@ class GTransMemory(PatchMemory):
                                             max_candidates=CANDIDATES_PER_ROW * n_pick)
         self.set_bank(rows[idx])
         self.radius.fill_(radius)
+
+    def add_rows(self, rows: Tensor, means: list[Tensor], stds: list[Tensor], max_rows: int, fine_max: int,
+                 seed: int) -> None:
+        """:meth:`add` new normal images' rows (N, D) as :meth:`rows` gives them, standardised like the fit
+        rows, to this bank, and their finest block to the fine memory's (at most ``fine_max`` rows)."""
+        self.add(self.standardise(rows, means, stds), max_rows, seed)
+        if self.fine is not None:
+            self.fine.add_rows(self.fine_block(rows), means, stds, fine_max, 0, seed)
 
     def add(self, rows: Tensor, max_rows: int, seed: int) -> None:
         """Add rows (N, D) of new normal images, covering them as tightly as the bank covers the fit rows.

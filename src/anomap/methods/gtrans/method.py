@@ -51,7 +51,7 @@ from anomap.methods.base import Method
 from anomap.methods.gtrans.config import GTransConfig
 from anomap.methods.gtrans.memory import GTransMemory
 from anomap.nn.efficientnet import Teacher
-from anomap.nn.filters import gaussian_blur, location_ratio, reduce_map
+from anomap.nn.filters import gaussian_blur, location_ratio, reduce_map, upsample_blur
 from anomap.nn.gtrans_student import Student
 from anomap.registry import register
 from anomap.train.schedule import Stage, cosine_factor
@@ -105,7 +105,8 @@ class GTrans(Method):
             index = [self.scales.index(s) for s in config.memory_scales_used]
             grid = config.image_size // strides[index[0]]
             self.memory = GTransMemory(index, [out_ch[k] for k in index], config.memory_pool, grid,
-                                       config.memory_pool_pad, config.memory_metric, config.memory_balance)
+                                       config.memory_pool_pad, config.memory_metric, config.memory_balance,
+                                       config.memory_fine_weight > 0)
 
     # --- training -------------------------------------------------------------------------------
     def stages(self, n_fit: int) -> list[Stage]:
@@ -170,10 +171,9 @@ class GTrans(Method):
             self._cache_feats = [torch.cat(c) for c in chunks]
             self._cache_index = {_image_key(img): j for j, img in enumerate(fit_images)}
         if self.memory is not None:
-            fit_rows = self.memory.standardise(torch.cat(rows), *self._feat_stats())
-            if self.memory.whitened:
-                fit_rows = self.memory.fit_whitening(fit_rows)
-            self.memory.build(fit_rows, self.config.memory_ratio, self.config.memory_max, self.config.seed)
+            cfg = self.config
+            self.memory.fit(torch.cat(rows), *self._feat_stats(), cfg.memory_ratio, cfg.memory_max,
+                            cfg.memory_fine_max, cfg.seed)
 
     @torch.no_grad()
     def add_normals(self, images: Tensor) -> None:
@@ -189,8 +189,8 @@ class GTrans(Method):
         device = self.map_mean.device
         rows = [self.memory.rows(self._teacher(images[i:i + STAT_BATCH].to(device)))[0]
                 for i in range(0, len(images), STAT_BATCH)]
-        new = self.memory.standardise(torch.cat(rows), *self._feat_stats())
-        self.memory.add(new, self.config.memory_max, self.config.seed)
+        cfg = self.config
+        self.memory.add_rows(torch.cat(rows), *self._feat_stats(), cfg.memory_max, cfg.memory_fine_max, cfg.seed)
 
     def make_batch(self, images: np.ndarray, rng: np.random.Generator, pool: np.ndarray) -> dict[str, Tensor]:
         batch = {"image": to_tensor(images, "cpu")}
@@ -276,19 +276,19 @@ class GTrans(Method):
         n = len(self.scales)
         student = self.config.memory != "only"
         dists: list[list[list[Tensor]]] = [[[] for _ in range(n)] for _ in range(2)]  # per head, scale: (B, h, w)
-        mem: list[Tensor] = []
+        mem: list[list[Tensor]] = []  # per batch: the memory's held-out distance maps (and the fine memory's)
         for i in range(0, len(heldout), STAT_BATCH):
             x = heldout[i:i + STAT_BATCH].to(self.map_mean.device)
             raw = self._teacher(x)
             if self.memory is not None:
-                mem.append(self.memory.distance_map(raw, *self._feat_stats()).double())
+                mem.append([d.double() for d in self.memory.distance_maps(raw, *self._feat_stats())])
             if student:
                 targets, feat_preds, tok_preds = self._forward(x, raw)
                 for h, preds in enumerate((tok_preds, feat_preds)):
                     for k, (t, p) in enumerate(zip(targets, preds, strict=True)):
                         dists[h][k].append(self.distance(t, p).double())
         if self.memory is not None:
-            self.memory.calibrate(torch.cat(mem), LOCATION_PRIOR)
+            self.memory.calibrate_all([torch.cat(d) for d in zip(*mem, strict=True)], LOCATION_PRIOR)
         if student:
             self._calibrate_student(dists)
 
@@ -313,24 +313,30 @@ class GTrans(Method):
         cfg = self.config
         mode, w = cfg.memory, cfg.memory_weight
         if mode == "off":
-            maps = [self._student_map(images, raw, size)]
+            amap = for_image = gaussian_blur(self._student_map(images, raw, size), cfg.smoothing_sigma)
         else:
-            norms = (cfg.memory_norm,) if cfg.memory_image_norm in ("same", cfg.memory_norm) else \
-                (cfg.memory_norm, cfg.memory_image_norm)
-            maps = self._memory_maps(raw, size, norms)  # [the anomaly map's, the image score's if another]
-            if mode == "fused":
-                student = self._student_map(images, raw, size)
-                maps = [(1.0 - w) * student + w * m for m in maps]
-        amap = gaussian_blur(maps[0], cfg.smoothing_sigma)
-        for_image = amap if len(maps) == 1 else gaussian_blur(maps[1], cfg.smoothing_sigma)
+            amap, for_image = self._memory_maps(raw, size)  # blurred; the same tensor when they do not differ
+            if mode == "fused":  # the blur is linear: blurring the parts is blurring their weighted mean
+                student = gaussian_blur(self._student_map(images, raw, size), cfg.smoothing_sigma)
+                same = for_image is amap
+                amap = (1.0 - w) * student + w * amap
+                for_image = amap if same else (1.0 - w) * student + w * for_image
         return reduce_map(for_image, cfg.image_score, cfg.topk_fraction), amap
 
-    def _memory_maps(self, raw: list[Tensor], size: tuple[int, int], norms: tuple[str, ...]) -> list[Tensor]:
-        """The memory's distances over their held-out mean (``norms``: see ``GTransMemory.normalised_maps``),
-        upsampled to ``size`` (B, H, W); not blurred."""
+    def _memory_maps(self, raw: list[Tensor], size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """The memory's part of the anomaly map and of the image score's map (the same tensor when they do
+        not differ), upsampled to ``size`` (B, H, W) and blurred (``GTransMemory.normalised_maps``). With the
+        fine memory, the anomaly map adds ``memory_fine_weight`` times the fine map's excess over 1 (its
+        held-out mean); the image score's map has none of it."""
         assert self.memory is not None
-        return [F.interpolate(d.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]
-                for d in self.memory.normalised_maps(raw, *self._feat_stats(), norms)]
+        cfg = self.config
+        main, for_image, fine = self.memory.normalised_maps(raw, *self._feat_stats(), cfg.memory_norm,
+                                                            cfg.memory_image_norm)
+        amap = upsample_blur(main, size, cfg.smoothing_sigma)
+        image_map = amap if for_image is main else upsample_blur(for_image, size, cfg.smoothing_sigma)
+        if fine is not None:
+            amap = amap + cfg.memory_fine_weight * (upsample_blur(fine, size, cfg.smoothing_sigma) - 1.0).clamp_min(0)
+        return amap, image_map
 
     def _student_map(self, images: Tensor, raw: list[Tensor], size: tuple[int, int]) -> Tensor:
         """The student's normalised discrepancy, averaged over the map's scales and heads (B, H, W); not blurred."""

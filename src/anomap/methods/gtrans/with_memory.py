@@ -1,14 +1,17 @@
 """gtrans_memory (the default): GTrans's pretrained teacher as a kNN memory of normal patches, no student.
 
 The same model as ``gtrans --set memory=only memory_pool_pad=zeros image_size=320
-memory_image_norm=location`` (see
+memory_image_norm=location memory_fine_weight=0.75`` (see
 :mod:`anomap.methods.gtrans.method` for the memory): EfficientNet-Lite0's stride-8 and stride-16
 features, each averaged over 3x3 neighbourhoods (zero-padded like PatchCore's pooling), concatenated at
 the stride-8 grid; a greedy coreset of 10% of the fit images' patches (at most ``memory_max``) is the
 memory; a test patch's distance to its nearest remembered patch, divided by the mean over held-out
 normals, is the map (Gaussian-blurred). The image score is the maximum of the same distances divided,
 in addition, by each cell's own held-out mean (``memory_image_norm=location``: cells where normal
-images sit far from the memory, such as the borders, count less for detection), blurred alike.
+images sit far from the memory, such as the borders, count less for detection), blurred alike. A second,
+fine memory of the stride-8 features alone (at most ``memory_fine_max`` = 4,096 rows) sharpens the
+anomaly map: its normalised, blurred distance map's excess over 1 (its held-out mean), times
+``memory_fine_weight`` = 0.75, is added to the map; the image score does not read it.
 Nothing is trained, so a fit takes seconds on a 2-core CPU (5-29 s on the dev datasets),
 and ``add_normals`` teaches it new normal images without retraining.
 
@@ -38,6 +41,7 @@ class GTransMemoryConfig(GTransConfig):
     memory: str = "only"
     memory_pool_pad: str = "zeros"
     memory_image_norm: str = "location"  # "same" -> "location": image AUROC +0.0018 on the dev suite's mean
+    memory_fine_weight: float = 0.75  # 0 -> 0.75: pixel AUROC +0.0026, AUPRO +0.024 on the dev suite's mean
 
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {"teacher_arch": "wide_resnet50_2", "memory_scales": [1, 2]},
