@@ -23,7 +23,8 @@ images' patch features as a greedy coreset, built in ``prepare_fit`` from the te
 there anyway. Its map (each cell's distance to the nearest remembered patch, divided by its held-out
 mean) replaces the student's map (``only``: the student is then not built, trained or run) or is
 averaged with it before the blur (``fused``: ``(1 - memory_weight) * student + memory_weight * memory``).
-``memory_image_norm`` may give the image score a second map from the same distances, normalised per cell.
+``memory_image_norm`` may give the image score a second map from the same distances, normalised per cell;
+``memory_fine_weight`` adds a fine memory's excess to the anomaly map (not to the image score).
 ``add_normals`` adds patches of new normal images to it without retraining.
 
 The teacher's weights are part of the method's ``state_dict``: a saved detector is self-contained
