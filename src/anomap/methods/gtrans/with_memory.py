@@ -12,7 +12,7 @@ images sit far from the memory, such as the borders, count less for detection), 
 fine memory of the stride-8 features alone (at most ``memory_fine_max`` = 4,096 rows) sharpens the
 anomaly map: its normalised, blurred distance map's excess over 1 (its held-out mean), times
 ``memory_fine_weight`` = 0.75, is added to the map; the image score does not read it.
-Nothing is trained, so a fit takes seconds on a 2-core CPU (5-29 s on the dev datasets),
+Nothing is trained, so a fit takes seconds on a 2-core CPU (7-36 s on the dev datasets),
 and ``add_normals`` teaches it new normal images without retraining.
 
 It is registered under its own name so that ``gtrans`` keeps the paper's student at its own defaults.
