@@ -210,7 +210,7 @@ def test_memory_norm_location_divides_each_cell_by_its_heldout_mean():
     m, _ = _tiny_memory_model("only", smoothing_sigma=0.0)
     held = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(7))
     feats = m._teacher(held)
-    d = m.memory.distance_map(feats, *m._feat_stats())
+    d = m.memory.distance_maps(feats, *m._feat_stats())[0]
     m.memory.calibrate(d, prior=0.0)  # no shrinkage: each cell's held-out mean, over the overall mean
     torch.testing.assert_close(m.memory.mean_loc, (d.mean(0) / d.mean()).float(), rtol=1e-5, atol=1e-6)
     loc, plain, fine = m.memory.normalised_maps(feats, *m._feat_stats(), "location", "scale")  # map, image score

@@ -47,17 +47,18 @@ def fold(conv: Any, bn: Any) -> _Conv:
     lrtb = tuple(int(p) for p in static.padding) if isinstance(static, nn.ZeroPad2d) else (0, 0, 0, 0)
     left, right, top, bottom = lrtb
     pad: tuple[int, int, int, int] | None = None
+    extra_w, extra_h = right - left, bottom - top
     tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-    if (left, top) == (right, bottom) or (right >= left and bottom >= top and not tracing):
+    if (extra_w or extra_h) and (min(extra_w, extra_h) < 0 or tracing):
+        padding, pad = (int(conv.padding[0]), int(conv.padding[1])), (left, right, top, bottom)
+    else:
         # TF pads the end more (stride 2 on an even size): pad both sides like the end, and give the kernel
         # that many leading zero rows / columns, so each window still starts ``top`` / ``left`` before its
         # stride's step; the output size is TF's too, and no padded copy of the input is made (not when
         # built while tracing for ONNX: a padded kernel computed in the graph has no known shape there)
-        if (left, top) != (right, bottom):
-            weight = F.pad(weight, (right - left, 0, bottom - top, 0)).contiguous(memory_format=torch.channels_last)
+        if extra_w or extra_h:
+            weight = F.pad(weight, (extra_w, 0, extra_h, 0)).contiguous(memory_format=torch.channels_last)
         padding = (bottom + int(conv.padding[0]), right + int(conv.padding[1]))
-    else:
-        padding, pad = (int(conv.padding[0]), int(conv.padding[1])), (left, right, top, bottom)
     stride = (int(conv.stride[0]), int(conv.stride[1]))
     return _Conv(weight.detach(), bias.detach().contiguous(), stride, conv.groups, padding, pad)
 

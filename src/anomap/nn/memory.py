@@ -240,7 +240,8 @@ def nearest_distance(queries: Tensor, centres: Tensor, rows: Tensor, chunk: int 
     per_chunk = torch.stack([(qs @ rows[lo:lo + chunk].T).amin(1) for lo in range(0, len(rows), chunk)], 1).float()
     sq = centres[:, -1]
     sq_max = F.pad(sq, (0, -len(sq) % chunk)).view(-1, chunk).amax(1)  # (chunks,): each chunk's largest ||b||^2
-    err = (2.0 ** -7 + 2.0 ** -12) * queries.norm(dim=1, keepdim=True) * sq_max.sqrt() + 2.0 ** -15 * sq_max \
+    q_sq = queries.pow(2).sum(1)  # ||q||^2: its root in the bound, itself added to the result
+    err = (2.0 ** -7 + 2.0 ** -12) * q_sq.sqrt().unsqueeze(1) * sq_max.sqrt() + 2.0 ** -15 * sq_max \
         + 2.0 ** -8 * per_chunk.abs()  # (Q, chunks): each rounded minimum is within err of the true one
     candidate = per_chunk - err <= (per_chunk + err).amin(1, keepdim=True)
     qa = _with_ones(queries)
@@ -250,7 +251,7 @@ def nearest_distance(queries: Tensor, centres: Tensor, rows: Tensor, chunk: int 
         if len(sel):
             d = (qa[sel] @ centres[c * chunk:(c + 1) * chunk].T).amin(1)  # ||b||^2 - 2 q.b
             best[sel] = torch.minimum(best[sel], d)
-    return (best + queries.pow(2).sum(1)).clamp_min(0).sqrt()
+    return (best + q_sq).clamp_min(0).sqrt()
 
 
 class PatchMemory(nn.Module):

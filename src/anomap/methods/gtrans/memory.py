@@ -121,12 +121,9 @@ class GTransMemory(PatchMemory):
         self.whiten.copy_((vecs * vals.clamp_min(WHITEN_RIDGE).rsqrt()) @ vecs.T)
         return rows @ self.whiten
 
-    def distance_map(self, feats: list[Tensor], means: list[Tensor], stds: list[Tensor]) -> Tensor:
-        """Each cell's distance to its nearest bank row (B, h, w), not normalised."""
-        return self.distance_maps(feats, means, stds)[0]
-
     def distance_maps(self, feats: list[Tensor], means: list[Tensor], stds: list[Tensor]) -> list[Tensor]:
-        """:meth:`distance_map`, then the fine memory's (B, h, w) when there is one (from the same rows)."""
+        """Each cell's distance to its nearest bank row (B, h, w), not normalised, then the fine memory's
+        when there is one (from the same rows)."""
         rows, (_, h, w) = self.rows(feats)
         out = [self(self.standardise(rows, means, stds)).reshape(-1, h, w)]  # -1: the batch stays dynamic in ONNX
         if self.fine is not None:
