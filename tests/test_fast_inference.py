@@ -44,6 +44,23 @@ def test_nearest_distance_keeps_every_chunk_the_rounding_leaves_in_doubt(dim):
     torch.testing.assert_close(got, knn_distance(q, bank, 1, chunk=64), rtol=2e-5, atol=1e-6)
 
 
+def test_nearest_distance_of_bank_rows_is_zero_when_rounding_goes_negative():
+    # a query equal to a bank row: its bfloat16 squared distance rounds to about 0, often below it; the
+    # int16 reading of the chunk minima must keep that chunk, so the float32 pass finds the row itself
+    gen = torch.Generator().manual_seed(5)
+    bank = torch.randn(1000, 152, generator=gen) * 3 + 1
+    q = bank[torch.randint(0, 1000, (300,), generator=gen)]
+    qs = torch.cat([q, q.pow(2).sum(1, keepdim=True), torch.ones(300, 1)], 1)
+    centres, rows = search_rows(bank)
+    rounded = (torch.cat([qs[:, :-2].bfloat16(), memory_mod._split_bf16(qs[:, -2:-1]),
+                          torch.ones(300, 2, dtype=torch.bfloat16)], 1) @ rows.T).float().amin(1)
+    assert (rounded < 0).any()  # the case this test is about does occur
+    got = nearest_distance(q, centres, rows, chunk=64)
+    torch.testing.assert_close(got, knn_distance(q, bank, 1, chunk=64), rtol=0, atol=2e-2)
+    assert float(got.max()) < 0.1  # float32 cancellation at ||b||^2 ~ 1500; the next row is ~40 away
+    assert float(torch.cdist(q, bank).topk(2, largest=False).values[:, 1].min()) > 20
+
+
 def test_memory_search_modes_agree_and_follow_the_bank(monkeypatch):
     gen = torch.Generator().manual_seed(4)
     mem = PatchMemory(16)
