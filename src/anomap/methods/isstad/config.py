@@ -11,12 +11,16 @@ from anomap.errors import ConfigError
 STAGE1, STAGE2 = "stage1_mae", "stage2_repair"
 PIXEL_MAPS = ("mix_minmax", "product", "prob", "recon")
 IMAGE_SCORES = ("mean", "max")
+ENCODERS = ("vit", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 @dataclass
 class IsstadConfig(MethodConfig):
     """isstad knobs (METHODS.md §2.8, §5): CPU defaults; ``preset=paper`` = the published ViT-L/16 scale."""
 
     image_size: int = 128
+    # "vit": the published ViT MAE, trained from scratch (stage 1). An EfficientNet-Lite name: the hybrid
+    # variant, whose encoder is that frozen pretrained CNN's stride-16 tokens (no stage 1; docs/methods.md)
+    encoder: str = "vit"
     smoothing_sigma: float = 1.2  # METHODS.md: 2.3 at 128 px; 1.2 by a held-out rule (docs/methods.md)
     patch_size: int = 16
     enc_dim: int = 192
@@ -79,6 +83,7 @@ class IsstadConfig(MethodConfig):
     def validate(self) -> None:
         super().validate()
         bad = []
+        bad += self._encoder_problems()
         if self.image_size % self.patch_size:
             bad.append(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
         if self.enc_dim % self.enc_heads or self.dec_dim % self.dec_heads:
@@ -108,3 +113,14 @@ class IsstadConfig(MethodConfig):
         if bad:
             raise ConfigError("isstad: " + "; ".join(bad) + ".")
 
+    def _encoder_problems(self) -> list[str]:
+        """What the hybrid encoder (an EfficientNet-Lite name) cannot do, or an unknown ``encoder``."""
+        if self.encoder not in ENCODERS:
+            return [f"encoder={self.encoder!r} must be one of {', '.join(ENCODERS)}"]
+        bad = []
+        if self.encoder != "vit" and self.patch_size != 16:
+            bad.append(f"encoder={self.encoder} makes one token per 16 x 16 patch: patch_size must be 16")
+        if self.encoder != "vit" and (self.mae_checkpoint_path or self.score_model == "stage1"):
+            bad.append(f"encoder={self.encoder} has no MAE stage: mae_checkpoint_path and score_model=stage1 "
+                       "need encoder=vit")
+        return bad

@@ -15,6 +15,11 @@ model (and any MAE checkpoint) is always RGB.
 CPU time budget: steps come from the epochs, then, when ``max_train_seconds > 0``, each stage is capped
 so that the estimated time (``est_images_per_s``, measured on 2 cores at 128 px) fits 95% of the budget:
 each stage may use its share (``stage1_time_share``) and the other stage's unused time.
+
+The hybrid variant (``encoder=efficientnet_lite0``, or ``_lite1`` / ``_lite2``): the encoder is that frozen
+pretrained CNN's stride-16 feature map, one token per 16 x 16 patch (:class:`anomap.nn.cnn_tokens.CnnTokens`),
+so there is no stage 1 (nothing to adapt, no stage-1 decoder): stage 2 alone, with the whole budget,
+trains the decoder from scratch on the CNN's tokens of the corrupted images.
 """
 
 from __future__ import annotations
@@ -35,10 +40,11 @@ from anomap.data.tensors import to_tensor
 from anomap.methods.base import Method
 from anomap.methods.isstad.checkpoint import read_mae_checkpoint
 from anomap.methods.isstad.config import STAGE1, STAGE2, IsstadConfig
+from anomap.nn.cnn_tokens import CnnTokens
 from anomap.nn.filters import gaussian_blur, gaussian_kernel1d, reduce_map
 from anomap.nn.vit import MaeDecoder, ViTEncoder, patchify, unpatchify
 from anomap.registry import register
-from anomap.train.schedule import Stage, cosine_factor, epochs_to_steps, share_budget
+from anomap.train.schedule import Stage, budget_steps, cosine_factor, epochs_to_steps, share_budget
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +109,16 @@ class Isstad(Method):
         super().__init__(config, channels)
         cfg = config
         p, grid = cfg.patch_size, cfg.image_size // cfg.patch_size
-        self.encoder = ViTEncoder(cfg.image_size, p, 3, cfg.enc_dim, cfg.enc_depth, cfg.enc_heads)
-        self.decoder1 = MaeDecoder(grid, p, 3, cfg.enc_dim, cfg.dec_dim, cfg.dec_depth_stage1, cfg.dec_heads)
-        self.decoder2 = MaeDecoder(grid, p, 3, cfg.enc_dim, cfg.dec_dim, cfg.dec_depth_stage2, cfg.dec_heads)
+        self.encoder: ViTEncoder | CnnTokens
+        self.decoder1: MaeDecoder | None = None  # the MAE's decoder (stage 1); the hybrid has no stage 1
+        if cfg.encoder != "vit":
+            self.encoder = CnnTokens(cfg.encoder, cfg.image_size)
+            enc_dim = self.encoder.dim
+        else:
+            self.encoder = ViTEncoder(cfg.image_size, p, 3, cfg.enc_dim, cfg.enc_depth, cfg.enc_heads)
+            enc_dim = cfg.enc_dim
+            self.decoder1 = MaeDecoder(grid, p, 3, enc_dim, cfg.dec_dim, cfg.dec_depth_stage1, cfg.dec_heads)
+        self.decoder2 = MaeDecoder(grid, p, 3, enc_dim, cfg.dec_dim, cfg.dec_depth_stage2, cfg.dec_heads)
         self.mask_pred = nn.Linear(cfg.dec_dim, p * p * 2)
         nn.init.xavier_uniform_(self.mask_pred.weight)
         nn.init.zeros_(self.mask_pred.bias)
@@ -121,8 +134,13 @@ class Isstad(Method):
 
     # --- schedule ---------------------------------------------------------------------------------
     def plan_steps(self, n_fit: int) -> tuple[int, int]:
-        """Steps of both stages: from the epochs, capped by the time budget and by ``max_steps``."""
+        """Steps of both stages: from the epochs, capped by the time budget and by ``max_steps`` (the hybrid:
+        0 and stage 2 alone in the whole budget)."""
         cfg = self.config
+        if cfg.encoder != "vit":
+            s2 = budget_steps(epochs_to_steps(cfg.stage2_epochs, n_fit, cfg.stage2_batch_size),
+                              cfg.stage2_batch_size, cfg.est_images_per_s[1], cfg.max_train_seconds)
+            return 0, min(s2, cfg.max_steps) if cfg.max_steps > 0 else s2
         steps = [epochs_to_steps(cfg.stage1_epochs, n_fit, cfg.stage1_batch_size),
                  epochs_to_steps(cfg.stage2_epochs, n_fit, cfg.stage2_batch_size)]
         steps = share_budget(steps, [cfg.stage1_batch_size, cfg.stage2_batch_size], cfg.est_images_per_s,
@@ -143,9 +161,9 @@ class Isstad(Method):
             t = (step // per_epoch2) / cfg.stage2_t_max
             return final2 + (1.0 - final2) * 0.5 * (1.0 + math.cos(math.pi * t))
 
-        return [
-            Stage(STAGE1, s1, cfg.stage1_batch_size, lambda: self._optimizer(STAGE1),
-                  cosine_factor(s1, warm1)),
+        stage1 = [Stage(STAGE1, s1, cfg.stage1_batch_size, lambda: self._optimizer(STAGE1),
+                        cosine_factor(s1, warm1))] if s1 else []  # the hybrid: none
+        return stage1 + [
             Stage(STAGE2, s2, cfg.stage2_batch_size, lambda: self._optimizer(STAGE2),
                   lr2 if cfg.stage2_t_max > 0 else cosine_factor(s2, 0, final2)),
         ]
@@ -156,7 +174,7 @@ class Isstad(Method):
             names = ("encoder.", "decoder1.")
         else:
             names = ("decoder2.", "mask_pred.") + (() if self.config.freeze_encoder_stage2 else ("encoder.",))
-        return [(n, p) for n, p in self.named_parameters() if n.startswith(names)]
+        return [(n, p) for n, p in self.named_parameters() if n.startswith(names) and ".teacher." not in n]
 
     def _optimizer(self, stage: str) -> torch.optim.Optimizer:
         cfg = self.config
@@ -168,6 +186,8 @@ class Isstad(Method):
         """Freeze what the stage does not train; entering stage 2 the first time, copy stage 1's decoder."""
         if name not in (STAGE1, STAGE2):
             raise ValueError(f"isstad has no stage {name!r}")
+        if name == STAGE1 and self.decoder1 is None:
+            raise ValueError(f"isstad with encoder={self.config.encoder} has no stage {name!r}")
         super().set_stage(name)
         if name == STAGE2 and not bool(self.stage2_initialised.item()):
             self.init_stage2_decoder()
@@ -177,8 +197,12 @@ class Isstad(Method):
 
     @torch.no_grad()
     def init_stage2_decoder(self) -> None:
-        """decoder2 <- decoder1: embedding, mask token, positions, norm, pixel head and the first blocks."""
+        """decoder2 <- decoder1: embedding, mask token, positions, norm, pixel head and the first blocks (the
+        hybrid, without decoder1: decoder2 starts from its own initialisation)."""
         d1, d2 = self.decoder1, self.decoder2
+        if d1 is None:
+            self.stage2_initialised.fill_(1)
+            return
         for part in ("embed", "norm", "pred"):
             getattr(d2, part).load_state_dict(getattr(d1, part).state_dict())
         d2.mask_token.copy_(d1.mask_token)
@@ -189,8 +213,10 @@ class Isstad(Method):
 
     # --- data -------------------------------------------------------------------------------------
     def prepare_fit(self, fit_images: np.ndarray) -> None:
-        """Load the user's MAE checkpoint (if configured) before training starts."""
-        if self.config.mae_checkpoint_path:
+        """Load the hybrid's pretrained CNN, or the user's MAE checkpoint (if configured), before training."""
+        if isinstance(self.encoder, CnnTokens):
+            self.encoder.teacher.load_pretrained()
+        elif self.config.mae_checkpoint_path:
             load_mae_checkpoint(self, self.config.mae_checkpoint_path)
 
     def _norm(self, images: np.ndarray) -> Tensor:
@@ -227,6 +253,7 @@ class Isstad(Method):
     def training_step(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         cfg = self.config
         if "mask" not in batch:  # stage 1: MSE on the masked patches
+            assert self.decoder1 is not None
             x = batch["x"]
             latent, mask, ids_restore = self.encoder(x, cfg.mask_ratio)
             pred, _ = self.decoder1(latent, ids_restore)
@@ -256,6 +283,7 @@ class Isstad(Method):
             if self.config.score_model == "stage2" and not self._warned:
                 log.warning("isstad: stage 2 was never trained; scoring with stage 1's reconstruction error")
                 self._warned = True
+            assert self.decoder1 is not None  # config validation: the hybrid scores with stage 2 only
             latent, _, ids = self.encoder(x, 0.0, shuffle=False)  # no masking, no randomness
             recon = unpatchify(self.decoder1(latent, ids)[0], self.config.patch_size, 3)
             m = torch.ones_like(x[:, 0])
