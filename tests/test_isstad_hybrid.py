@@ -79,6 +79,13 @@ def test_hybrid_trains_the_decoder_on_frozen_pretrained_tokens(hybrid):
         model.set_stage(STAGE1)
 
 
+def test_an_untrained_hybrid_scores_with_its_stage2_decoder():
+    model = Isstad(build_config(IsstadConfig, HYBRID), channels=3)
+    assert int(model.stage2_initialised) == 0
+    m, r = model.components(torch.rand(2, 3, 32, 32))  # no MAE decoder to fall back on
+    assert m.shape == r.shape == (2, 32, 32) and not torch.equal(m, torch.ones_like(m))
+
+
 def test_hybrid_saves_loads_and_exports_with_parity(hybrid, tiny_category, tmp_path: Path):
     path = hybrid.save(tmp_path / "hybrid.safetensors")
     again = anomap.load(path)

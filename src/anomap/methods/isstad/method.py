@@ -274,16 +274,18 @@ class Isstad(Method):
     def components(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Anomaly probability m and squared error r, both (B, H, W), for images (B, C, H, W) in [0, 1].
 
-        With ``score_model="stage1"`` (or when stage 2 never ran) m is 1 and r comes from the MAE decoder.
+        With ``score_model="stage1"`` (or when stage 2 never ran) m is 1 and r comes from the MAE decoder; the
+        hybrid, which has none, always scores with stage 2's.
         """
         x = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
         x = x * 2.0 - 1.0
-        stage1 = self.config.score_model == "stage1" or not bool(self.stage2_initialised.item())
+        stage1 = self.decoder1 is not None and (self.config.score_model == "stage1"
+                                                or not bool(self.stage2_initialised.item()))  # never the hybrid
         if stage1:
             if self.config.score_model == "stage2" and not self._warned:
                 log.warning("isstad: stage 2 was never trained; scoring with stage 1's reconstruction error")
                 self._warned = True
-            assert self.decoder1 is not None  # config validation: the hybrid scores with stage 2 only
+            assert self.decoder1 is not None
             latent, _, ids = self.encoder(x, 0.0, shuffle=False)  # no masking, no randomness
             recon = unpatchify(self.decoder1(latent, ids)[0], self.config.patch_size, 3)
             m = torch.ones_like(x[:, 0])
