@@ -44,7 +44,7 @@ from anomap.nn.cnn_tokens import CnnTokens
 from anomap.nn.filters import gaussian_blur, gaussian_kernel1d, reduce_map
 from anomap.nn.vit import MaeDecoder, ViTEncoder, patchify, unpatchify
 from anomap.registry import register
-from anomap.train.schedule import Stage, budget_steps, cosine_factor, epochs_to_steps, share_budget
+from anomap.train.schedule import Stage, cosine_factor, epochs_to_steps, share_budget
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +137,9 @@ class Isstad(Method):
         """Steps of both stages: from the epochs, capped by the time budget and by ``max_steps`` (the hybrid:
         0 and stage 2 alone in the whole budget)."""
         cfg = self.config
-        if cfg.encoder != "vit":
-            s2 = budget_steps(epochs_to_steps(cfg.stage2_epochs, n_fit, cfg.stage2_batch_size),
-                              cfg.stage2_batch_size, cfg.est_images_per_s[1], cfg.max_train_seconds)
-            return 0, min(s2, cfg.max_steps) if cfg.max_steps > 0 else s2
+        if cfg.encoder != "vit":  # one stage: the Method's own one-stage planning
+            s2 = self.schedule_steps(cfg.stage2_epochs, n_fit, cfg.stage2_batch_size)
+            return 0, self.budget_steps(s2, cfg.stage2_batch_size, cfg.est_images_per_s[1])
         steps = [epochs_to_steps(cfg.stage1_epochs, n_fit, cfg.stage1_batch_size),
                  epochs_to_steps(cfg.stage2_epochs, n_fit, cfg.stage2_batch_size)]
         steps = share_budget(steps, [cfg.stage1_batch_size, cfg.stage2_batch_size], cfg.est_images_per_s,
