@@ -65,7 +65,7 @@ def heldout_files(det: anomap.Detector, data: str) -> list[Path]:
 
 def heldout_stack(det: anomap.Detector, data: str) -> np.ndarray:
     """The detector's held-out normal images in ``data`` at its working size; exits if they are not those."""
-    return load_stack(heldout_files(det, data), det.config.image_size, int(det.channels))
+    return load_stack(heldout_files(det, data), det.config.work_hw, int(det.channels))
 
 
 def append_rows(path: str | None, rows: list[str]) -> None:

@@ -3,7 +3,7 @@
 Usage: python benchmarks/batch_throughput.py MODEL.safetensors [--input-size 256] [--rounds 5] [--compile]
 
 Images are random uint8 (B, S, S, C) at ``--input-size`` (default: the model's working size) and go
-through ``Detector.predict``: resize to the working size, normalise, forward, map resized back to S.
+through ``Detector.predict``: resize to the working shape, normalise, forward, map resized back to S.
 Prints one Markdown row per variant: method, input size, working size, threads, ms/img at batch 1,
 images/s at batch 1 and at batch 16 (medians over rounds), and two machine references measured in
 the same sitting (fp32 GEMM GFLOP/s and the time of one small 1x1 convolution), because this shared
@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd model, interleaved")
     args = ap.parse_args(argv)
     eager = anomap.load(args.model, device="cpu")
-    work, c = eager.config.image_size, eager.channels
-    s = args.input_size or work
+    (h, w), c = eager.config.work_hw, eager.channels
+    work = h if h == w else f"{h}x{w}"  # aspect=fit: the working shape, height x width
+    s = args.input_size or max(h, w)
     imgs = np.random.default_rng(0).integers(0, 256, (16, s, s, c), dtype=np.uint8)
     variants: dict[str, dict[int, anomap.Detector]] = {eager.method_name: {1: eager, 16: eager}}
     if args.compile:

@@ -45,7 +45,7 @@ def heldout_loss(det: anomap.Detector, data: str, fit_images: bool = False) -> d
         sys.exit(f"{det.method_name}: only gtrans models are supported")
     if fit_images:
         held = set(heldout_files(det, data))
-        imgs = load_stack([p for p in train_images(data) if p not in held], det.config.image_size, int(det.channels))
+        imgs = load_stack([p for p in train_images(data) if p not in held], det.config.work_hw, int(det.channels))
     else:
         imgs = heldout_stack(det, data)
     n_heldout = len(det.info["heldout_files"])

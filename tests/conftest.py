@@ -62,7 +62,7 @@ class StandInDetector:
     """What anomap.types.EvaluableDetector lists, on grey 48-px images; a subclass supplies predict_raw."""
 
     method_name = "stand-in"
-    config = SimpleNamespace(image_size=48, eval_size=48)
+    config = SimpleNamespace(image_size=48, eval_size=48, work_hw=(48, 48))
     calibration = Calibration(threshold=0.9, target_fpr=0.05, n_heldout=3)
 
     def prepare(self, image: Path) -> tuple[np.ndarray, tuple[int, int]]:

@@ -34,6 +34,14 @@ def test_the_test_fpr_stands_beside_what_the_threshold_promised():
     assert cells[6] == "0.05 (promise <=0.042, 95% <=0.087) / 0.60"
 
 
+def test_the_image_size_cell_names_a_working_shape_that_is_not_the_square():
+    rec = _rec([])
+    rec["info"]["work_shape"] = [224, 224]
+    assert [c.strip() for c in row(rec).strip("|").split("|")][10] == "224"
+    rec["info"]["work_shape"] = [192, 512]
+    assert [c.strip() for c in row(rec).strip("|").split("|")][10] == "192x512"
+
+
 def test_label_equal_to_the_overrides_is_written_once():
     assert row(_rec(["image_size=256"]), "image_size=256").endswith("| image_size=256 |")
     assert row(_rec([]), "").endswith("|  |")

@@ -107,7 +107,7 @@ def test_memory_add_keeps_the_bank_while_there_is_room_and_rethins_when_full():
 
     gen = torch.Generator().manual_seed(6)
     fit, far = torch.randn(400, 4, generator=gen), torch.randn(30, 4, generator=gen) + 20.0
-    mem = GTransMemory([0], [4], 1, grid=8)
+    mem = GTransMemory([0], [4], 1, grid=(8, 8))
     mem.build(fit, 0.1, 1000, seed=0)
     old, radius = mem.bank.clone(), float(mem.radius)
     assert len(old) == 40 and radius > 0

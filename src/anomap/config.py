@@ -16,6 +16,8 @@ import yaml
 from anomap.errors import ConfigError
 
 PRESET_NAMES = ("cpu", "paper")
+# Config keys added after model files were written, with the values that reproduce what those files do
+LEGACY_KEYS: dict[str, Any] = {"aspect": "square", "work_shape": []}
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -75,6 +77,10 @@ class MethodConfig:
         target_fpr: false-positive rate on held-out normals that sets the image threshold.
         select_on: "last" (the fixed schedule's last step) or "val_loss".
         checkpoint_every: write a resumable checkpoint every N steps (0 = only at the end).
+        aspect: "square" (every image is resized to image_size x image_size) or "fit": when the fit
+            images share one aspect ratio, ``fit`` sets ``work_shape`` to it at image_size**2 pixels
+            (:func:`anomap.data.aspect.fit_shape`); only for methods whose model reads any shape.
+        work_shape: [height, width] the model sees, set by ``fit`` (aspect=fit); [] = image_size square.
     """
 
     preset: str = "cpu"
@@ -90,12 +96,25 @@ class MethodConfig:
     select_on: str = "last"
     checkpoint_every: int = 200
     num_threads: int = 0
+    aspect: str = "square"
+    work_shape: list[int] = dataclasses.field(default_factory=list)
 
     # Values a preset changes; subclasses fill these. {"paper": {"image_size": 256, ...}}
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     # Keys that change only how a trained model scores (not its weights): `anomap evaluate --set` may
     # change them on a saved model, which is then recalibrated on its held-out normal images.
     SCORING_KEYS: ClassVar[tuple[str, ...]] = ("target_fpr", "eval_size", "device", "num_threads")
+    # work_shape's sides are multiples of this (the model's coarsest stride)
+    SIZE_MULTIPLE: ClassVar[int] = 16
+
+    @property
+    def work_hw(self) -> tuple[int, int]:
+        """(height, width) of the images the model sees: ``work_shape``, or image_size square."""
+        return (self.work_shape[0], self.work_shape[1]) if self.work_shape else (self.image_size, self.image_size)
+
+    def aspect_problem(self) -> str | None:
+        """Why this model cannot read non-square images (None: it can); subclasses that can say so."""
+        return "its model reads square images only"
 
     def validate(self) -> None:
         """Raise ConfigError for values that cannot work, naming the valid choices or range."""
@@ -117,6 +136,19 @@ class MethodConfig:
             raise ConfigError(f"select_on={self.select_on!r} is not known.", fix="use last or val_loss")
         _in_range("checkpoint_every", self.checkpoint_every, 0, None, example="200 (0 = only at the end)")
         _in_range("num_threads", self.num_threads, 0, None, example="0 (all cores) or 2")
+        self._validate_aspect()
+
+    def _validate_aspect(self) -> None:
+        check_choice("aspect", self.aspect, ("square", "fit"))
+        problem = self.aspect_problem() if self.aspect != "square" else None
+        if problem:
+            raise ConfigError(f"aspect={self.aspect} is not available: {problem}.", fix="use aspect=square")
+        m = self.SIZE_MULTIPLE
+        if self.work_shape and (self.aspect == "square" or len(self.work_shape) != 2
+                                or any(v < 2 * m or v % m for v in self.work_shape)):
+            raise ConfigError(f"work_shape={self.work_shape} is not usable.",
+                              fix=f"leave it to fit (aspect=fit sets it), or give [height, width], multiples of {m}, "
+                                  f"at least {2 * m}, with aspect=fit")
 
 
 _EXPECT = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a text value",

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from anomap._version import __version__
 from anomap.compiled import CompiledPredict
-from anomap.config import build_config, config_to_dict, fields_of
+from anomap.config import LEGACY_KEYS, build_config, config_to_dict, fields_of
+from anomap.data.aspect import choose_work_shape
 from anomap.data.dataset import (
     check_min_size,
     detect_channels,
@@ -99,8 +100,8 @@ class Detector:
         min_side = max(16, cfg.image_size // 4)  # upscaling more than 4x invents the detail the model learns
         check_min_size(paths, min_side, fix=f"remove the image, or lower image_size (now {cfg.image_size}): "
                        "images need at least image_size/4 and 16 px per side")
-        self.channels = detect_channels(paths)
-        fit_imgs, held_imgs, cache = load_fit_images(split.fit, split.heldout, cfg.image_size, self.channels,
+        self.channels, shape_note = detect_channels(paths), choose_work_shape(cfg, split.fit)
+        fit_imgs, held_imgs, cache = load_fit_images(split.fit, split.heldout, cfg.work_hw, self.channels,
                                                      out, progress, ctx, device)
         done = False
         try:
@@ -144,6 +145,7 @@ class Detector:
             "best_step": result.best_step,
             "final_loss": result.history[-1]["loss"] if result.history else None,
             "device": str(self.device),
+            **({"aspect": shape_note} if shape_note else {}),
         }
         if ctx.enabled:
             self.info["processes"] = ctx.world_size
@@ -163,8 +165,8 @@ class Detector:
         model = self.require_model()
         model.eval()
         model.calibrate(TensorBatches(heldout, self.device))
-        s = self.config.image_size
-        k = max(1, math.ceil(math.sqrt(len(heldout) * s * s / MAP_SAMPLE_CAP)))
+        h, w = self.config.work_hw
+        k = max(1, math.ceil(math.sqrt(len(heldout) * h * w / MAP_SAMPLE_CAP)))
         score_parts, value_parts = [np.zeros(0, np.float32)], [np.zeros(0, np.float32)]
         for batch_scores, batch_maps in self._predict_batches(heldout):
             score_parts.append(batch_scores)
@@ -201,7 +203,7 @@ class Detector:
         held = self.heldout_paths(data)
         self.config = model.config = new_config  # nothing changes before the inputs are known to be good
         compiled, self._compiled = self._compiled, None  # the compiled graph holds the old scoring settings
-        held_imgs = load_stack(held, self.config.image_size, int(self.channels or 3), progress=progress,
+        held_imgs = load_stack(held, self.config.work_hw, int(self.channels or 3), progress=progress,
                                desc="recalibrating")
         self.calibrate(held_imgs)
         self.info = {**self.info, "rescored": dict(overrides)}
@@ -229,7 +231,7 @@ class Detector:
         self._compiled = None  # a compiled graph holds the old state
         self.info = {**self.info, "added_normals": int(self.info.get("added_normals", 0)) + len(items)}
         if held:
-            self.calibrate(load_stack(held, self.config.image_size, int(self.channels or 3), progress=False))
+            self.calibrate(load_stack(held, self.config.work_hw, int(self.channels or 3), progress=False))
         return self
 
     def heldout_paths(self, data: str | Path) -> list[Path]:
@@ -257,8 +259,7 @@ class Detector:
         model.eval()
         self._compiled = CompiledPredict(model, batch_size)
         if warmup:
-            s = self.config.image_size
-            self.predict_raw(np.zeros((1, s, s, int(self.channels or 3)), np.uint8))
+            self.predict_raw(np.zeros((1, *self.config.work_hw, int(self.channels or 3)), np.uint8))
         return self
 
     # ---------------------------------------------------------------------------------- prediction
@@ -272,7 +273,7 @@ class Detector:
     @torch.no_grad()
     def predict_raw(self, images: np.ndarray | ImageStore,
                     batch_size: int = PREDICT_BATCH) -> tuple[np.ndarray, np.ndarray]:
-        """Raw scores (N,) and maps (N, S, S), float32, for uint8 images (N, S, S, C) at the working size.
+        """Raw scores (N,) and maps (N, H, W), float32, for uint8 images (N, H, W, C) at the working shape.
 
         This is the PyTorch :data:`~anomap.inference.Scorer` of :func:`~anomap.inference.score_images`.
         """
@@ -281,14 +282,13 @@ class Detector:
             scores.append(s)
             maps.append(m)
         if not scores:
-            size = self.config.image_size
-            return np.zeros(0, np.float32), np.zeros((0, size, size), np.float32)
+            return np.zeros(0, np.float32), np.zeros((0, *self.config.work_hw), np.float32)
         return np.concatenate(scores), np.concatenate(maps)
 
     @torch.no_grad()
     def _predict_batches(self, images: np.ndarray | ImageStore,
                          batch_size: int = PREDICT_BATCH) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Raw scores (b,) and maps (b, S, S) batch by batch, so that a caller can keep what it needs."""
+        """Raw scores (b,) and maps (b, H, W) batch by batch, so that a caller can keep what it needs."""
         model = self.require_model()
         model.eval()
         for i in range(0, len(images), batch_size):
@@ -297,9 +297,9 @@ class Detector:
             yield s.float().cpu().numpy(), m.float().cpu().numpy()
 
     def prepare(self, image: ImageInput) -> tuple[np.ndarray, tuple[int, int]]:
-        """One image (path, PIL image or array) -> uint8 (S, S, C) at the working size, original (H, W)."""
+        """One image (path, PIL image or array) -> uint8 (h, w, C) at the working shape, original (H, W)."""
         self.require_model()
-        return prepare_image(image, int(self.channels or 3), self.config.image_size)
+        return prepare_image(image, int(self.channels or 3), self.config.work_hw)
 
     def predict(self, images: ImageInput | list[ImageInput] | tuple[ImageInput, ...] | Tensor,
                 ) -> AnomalyResult | list[AnomalyResult]:
@@ -323,7 +323,7 @@ class Detector:
 
     def _score(self, images: list[ImageInput]) -> Scored:
         return score_images(images, self.predict_raw, channels=int(self.channels or 3),
-                            size=self.config.image_size, threshold=self.calibration.threshold,
+                            size=self.config.work_hw, threshold=self.calibration.threshold,
                             batch_size=PREDICT_BATCH)
 
     # --------------------------------------------------------------------------------- persistence
@@ -354,7 +354,7 @@ class Detector:
                 fix="resume training with `anomap fit ... --resume` or load the final file",
             )
         try:
-            config = dict(meta["config"])
+            config = {**LEGACY_KEYS, **dict(meta["config"])}
             missing = sorted(set(fields_of(get_method_class(meta["method"]).Config)) - set(config))
             if missing:  # written by a development version, before these keys existed: today's defaults
                 raise CheckpointError(  # would change what the model does, so the file is not read

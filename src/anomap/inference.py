@@ -5,13 +5,14 @@ the backends (:class:`anomap.runtime.backend.TorchBackend` and ``OnnxBackend``) 
 (``anomap serve``) all go the same way:
 
 1. decode: :func:`anomap.data.images.load_image` with the model's channel count (1 grey, 3 colour);
-2. resize to the working size S (:func:`anomap.data.transforms.resize_u8`);
+2. resize to the working shape (h, w) (:func:`anomap.data.transforms.resize_u8`): image_size square, or
+   the fit images' aspect ratio (``aspect=fit``, ``MethodConfig.work_hw``);
 3. score batches of prepared images with a :data:`Scorer`;
 4. resize each raw map back to its image's own (H, W) (:func:`anomap.data.transforms.resize_maps`);
 5. verdict: ``score > threshold``.
 
-Only the scorer differs between runtimes. It takes the prepared uint8 batch (B, S, S, C), which is also
-the input of an exported ONNX graph, so that PyTorch (``Detector.predict_raw``: to float (B, C, S, S) in
+Only the scorer differs between runtimes. It takes the prepared uint8 batch (B, h, w, C), which is also
+the input of an exported ONNX graph, so that PyTorch (``Detector.predict_raw``: to float (B, C, h, w) in
 [0, 1], then ``Method.predict``, eager or compiled) and onnxruntime are fed the same bytes.
 """
 
@@ -33,7 +34,7 @@ ImageInput = str | Path | Image.Image | np.ndarray
 """One image as callers have it: a file path, a Pillow image or an (H, W[, C]) array (see ``load_image``)."""
 
 Scorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-"""uint8 (B, S, S, C) prepared images -> raw scores float32 (B,) and raw maps float32 (B, S, S)."""
+"""uint8 (B, h, w, C) prepared images -> raw scores float32 (B,) and raw maps float32 (B, h, w)."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,10 @@ class Scored:
     threshold: float | None
 
 
-def prepare_image(image: ImageInput, channels: int, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """One image -> uint8 (S, S, C) at the working size ``size``, and its original (H, W).
+def prepare_image(image: ImageInput, channels: int, size: int | tuple[int, int]
+                  ) -> tuple[np.ndarray, tuple[int, int]]:
+    """One image -> uint8 (h, w, C) at the working shape ``size`` ((h, w), or an int for a square), and its
+    original (H, W).
 
     Raises:
         ImageError: the image cannot be decoded (the message names the file).
@@ -65,7 +68,7 @@ def prepare_image(image: ImageInput, channels: int, size: int) -> tuple[np.ndarr
     return resize_u8(img, size), (int(img.shape[0]), int(img.shape[1]))
 
 
-def score_images(images: Sequence[ImageInput], scorer: Scorer, *, channels: int, size: int,
+def score_images(images: Sequence[ImageInput], scorer: Scorer, *, channels: int, size: int | tuple[int, int],
                  threshold: float | None = None, batch_size: int = 16, maps: bool = True) -> Scored:
     """Prepare, score and map back ``images``, ``batch_size`` images per scorer call.
 
@@ -73,7 +76,7 @@ def score_images(images: Sequence[ImageInput], scorer: Scorer, *, channels: int,
         images: the images (anything :func:`prepare_image` takes), of any sizes.
         scorer: the model (see :data:`Scorer`).
         channels: what the model reads, 1 or 3.
-        size: the model's working size S.
+        size: the model's working shape (h, w) (an int: a square).
         threshold: gives the verdicts (None: no verdicts).
         batch_size: images per scorer call (at least 1).
         maps: False skips resizing the maps (``Scored.maps`` is then empty).

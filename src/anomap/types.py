@@ -174,11 +174,16 @@ class EvalResult:
 
 
 class EvalSizes(Protocol):
-    """The two sizes :func:`anomap.evaluate` reads of a detector's config."""
+    """The sizes :func:`anomap.evaluate` reads of a detector's config."""
 
     @property
     def image_size(self) -> int:
-        """Working resolution (square) the model sees."""
+        """Working resolution (the square's side) the model was configured with."""
+        ...
+
+    @property
+    def work_hw(self) -> tuple[int, int]:
+        """(height, width) the model sees (image_size square unless ``aspect=fit`` chose another)."""
         ...
 
     @property

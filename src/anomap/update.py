@@ -115,12 +115,12 @@ def has_memory(det: Detector) -> bool:
 
 def load_records(det: Detector, records: Sequence[FeedbackRecord], progress: bool = False,
                  desc: str = "feedback images") -> np.ndarray:
-    """The records' images at the model's working size, uint8 (N, S, S, C); each is checked against the
+    """The records' images at the model's working shape, uint8 (N, h, w, C); each is checked against the
     sha256 in its record. DataError naming the file for an image that changed or cannot be read."""
     from tqdm import tqdm
 
-    s, c = det.config.image_size, int(det.channels or 3)
-    out = np.empty((len(records), s, s, c), np.uint8)
+    c = int(det.channels or 3)
+    out = np.empty((len(records), *det.config.work_hw, c), np.uint8)
     bar = tqdm(records, desc=desc, unit="img", leave=False, disable=not progress or len(records) < 5)
     for i, rec in enumerate(bar):
         try:
@@ -138,7 +138,7 @@ def load_records(det: Detector, records: Sequence[FeedbackRecord], progress: boo
 
 
 def heldout_images(det: Detector, data: str | Path | None, progress: bool = False) -> np.ndarray | None:
-    """The model's held-out normals at the working size, or None when they are not where the model was
+    """The model's held-out normals at the working shape, or None when they are not where the model was
     trained and ``data`` was not given (an explicit ``data`` that does not hold them is an error)."""
     from anomap.data.transforms import load_stack
 
@@ -148,7 +148,7 @@ def heldout_images(det: Detector, data: str | Path | None, progress: bool = Fals
         if data is not None:
             raise
         return None
-    return load_stack(paths, det.config.image_size, int(det.channels or 3), progress=progress,
+    return load_stack(paths, det.config.work_hw, int(det.channels or 3), progress=progress,
                       desc="held-out normals")
 
 

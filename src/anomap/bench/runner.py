@@ -124,6 +124,8 @@ def _summary_meta(data: str, method: str, metrics: dict[str, Any], info: dict[st
 def row(rec: dict, label: str = "") -> str:
     m = rec["metrics"]
     info = rec["info"]
+    h, w = info.get("work_shape") or (rec["image_size"], rec["image_size"])
+    size = rec["image_size"] if h == w == rec["image_size"] else f"{h}x{w}"  # aspect=fit: height x width
     steps = sum(info.get("steps", {}).values()) if isinstance(info.get("steps"), dict) else info.get("steps")
     sets = " ".join(rec.get("sets", []))
     notes = "; ".join(x for x in dict.fromkeys((sets, label)) if x)  # a label that repeats the --set: once
@@ -133,7 +135,7 @@ def row(rec: dict, label: str = "") -> str:
             f"{_fmt(m['aupro'])} | {_fmt(m['image_f1max'])} | {_fmt(m['test_fpr'], 2)}{promise} / "
             f"{_fmt(m['test_recall'], 2)} "
             f"| {rec['fit_seconds']:.1f} | {rec['ms_per_image_bs1']:.1f} | {rec['peak_rss_mb']:.0f} | "
-            f"{rec['image_size']} | {steps} ({info.get('stopped_by')}) | {notes} |")
+            f"{size} | {steps} ({info.get('stopped_by')}) | {notes} |")
 
 
 def run_bench(datas: list[str], methods: list[str], sets: list[str], out: Path, runs_dir: Path,

@@ -2,8 +2,9 @@
 
 The graph (see docs/deploy.md):
 
-- input ``images``: **uint8** (B, S, S, C), channels last, values 0..255, already resized to the working
-  size S (C = 1 for grey models, 3 for colour); B is dynamic. Float input is *not* accepted: convert
+- input ``images``: **uint8** (B, h, w, C), channels last, values 0..255, already resized to the working
+  shape (h, w) (metadata ``work_shape``: image_size square, or the fit images' aspect with ``aspect=fit``;
+  C = 1 for grey models, 3 for colour); B is dynamic. Float input is *not* accepted: convert
   with ``np.round(x * 255).astype(np.uint8)`` (that is what the PyTorch path does too).
 - outputs ``scores`` (B,) and ``maps`` (B, S, S), float32: the method's *raw* values, exactly what
   ``Detector.predict_raw`` returns. Preprocessing (to float, /255, grey->RGB for ViTs, the method's own
@@ -81,12 +82,13 @@ def _detector(detector_or_path: str | Path | Detector) -> Detector:
 def _metadata(det: Detector, parity: dict[str, Any] | None) -> dict[str, str]:
     """metadata_props: every value JSON text (numbers stay numbers, strings are quoted)."""
     cal = det.calibration.to_dict()
-    s, c = det.config.image_size, det.channels
+    (h, w), c = det.config.work_hw, det.channels
     values: dict[str, Any] = {
         ONNX_FORMAT_KEY: ONNX_FORMAT,
         "method": det.method_name,
         "channels": c,
-        "image_size": s,
+        "image_size": det.config.image_size,
+        "work_shape": [h, w],
         "threshold": cal["threshold"],
         "target_fpr": cal["target_fpr"],
         "map_low": cal["map_low"],
@@ -96,8 +98,8 @@ def _metadata(det: Detector, parity: dict[str, Any] | None) -> dict[str, str]:
         "info": {k: det.info[k] for k in INFO_KEYS if k in det.info},
         "anomap_version": __version__,
         "torch_version": torch.__version__,
-        "input": f"images: uint8 (B, {s}, {s}, {c}), channels last, 0..255, resized to {s}x{s}",
-        "outputs": "scores: float32 (B,) raw image scores; maps: float32 (B, S, S) raw anomaly maps",
+        "input": f"images: uint8 (B, {h}, {w}, {c}), channels last, 0..255, resized to {h}x{w} (height x width)",
+        "outputs": f"scores: float32 (B,) raw image scores; maps: float32 (B, {h}, {w}) raw anomaly maps",
         "parity": parity if parity is not None else "not checked",
     }
     return {k: json.dumps(v, default=float) for k, v in values.items()}
@@ -118,9 +120,9 @@ def _write_metadata(path: Path, props: dict[str, str]) -> None:
 
 def _trace(det: Detector, path: Path, opset: int) -> None:
     """Write the bare graph (no metadata) with the TorchScript-based exporter."""
-    s, c = det.config.image_size, int(det.channels or 3)
+    (h, w), c = det.config.work_hw, int(det.channels or 3)
     graph = _Graph(det.require_model()).eval()
-    example = torch.zeros(2, s, s, c, dtype=torch.uint8)  # batch 2: the batch axis is traced as symbolic
+    example = torch.zeros(2, h, w, c, dtype=torch.uint8)  # batch 2: the batch axis is traced as symbolic
     axes = {ONNX_INPUT: {0: "batch"}, **{name: {0: "batch"} for name in ONNX_OUTPUTS}}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about constant Python branches: intended

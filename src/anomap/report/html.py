@@ -282,7 +282,7 @@ def _card(ex: Example, lo: float, hi: float, flags: dict[str, bool], threshold: 
 
 
 def _info_html(info: dict) -> str:
-    order = ["method", "dataset", "category", "image_size", "eval_size", "counts", "threshold", "date"]
+    order = ["method", "dataset", "category", "image_size", "work_shape", "eval_size", "counts", "threshold", "date"]
     keys = [k for k in order if k in info] + [k for k in info if k not in order]
     spans = [f"<span><b>{_esc(str(k).replace('_', ' '))}:</b> {_esc(_fmt_value(info[k]))}</span>" for k in keys]
     return f'<p class="info">{"".join(spans) or "no run information"}</p>'

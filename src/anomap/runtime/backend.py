@@ -58,7 +58,9 @@ class Backend:
         name: "torch" or "onnx".
         method: the method's registered name (ssl_ae, isstad, gtrans).
         channels: 1 (grey) or 3 (colour): what the model reads.
-        image_size: the working size S; images are resized to (S, S).
+        image_size: the config's working size S.
+        work_hw: the working shape (h, w) images are resized to: (S, S), or the fit images' aspect ratio
+            (``aspect=fit``).
         calibration: threshold, target_fpr and the heat-map range from held-out normal images.
         meta: JSON-able description: method, config, calibration, info, anomap_version.
         path: the model file (None for an in-memory detector).
@@ -71,23 +73,28 @@ class Backend:
     method: str
     channels: int
     image_size: int
+    _work_hw: tuple[int, int] | None = None  # None: (image_size, image_size)
     calibration: Calibration
     meta: dict[str, Any]
     path: Path | None = None
     source: Path | None = None
     batch_size: int = DEFAULT_BATCH
 
+    @property
+    def work_hw(self) -> tuple[int, int]:
+        return self._work_hw or (self.image_size, self.image_size)
+
     def predict_prepared(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw scores (B,) float32 and raw maps (B, S, S) float32 for uint8 (B, S, S, C) at the working size."""
+        """Raw scores (B,) float32 and raw maps (B, h, w) float32 for uint8 (B, h, w, C) at the working shape."""
         raise NotImplementedError
 
     def prepare(self, image: ImageInput) -> np.ndarray:
-        """One image (path, PIL image or array, any size) -> uint8 (S, S, C) at the working size.
+        """One image (path, PIL image or array, any size) -> uint8 (h, w, C) at the working shape.
 
         Raises:
             ImageError: the image cannot be decoded (the message names the file).
         """
-        return prepare_image(image, self.channels, self.image_size)[0]
+        return prepare_image(image, self.channels, self.work_hw)[0]
 
     def score(self, images: Sequence[ImageInput], *, threshold: float | None, maps: bool = True,
               batch_size: int | None = None) -> Scored:
@@ -100,7 +107,7 @@ class Backend:
             maps: False skips resizing the raw maps back to each image's (H, W).
             batch_size: images per model call (default :attr:`batch_size`).
         """
-        return score_images(images, self.predict_prepared, channels=self.channels, size=self.image_size,
+        return score_images(images, self.predict_prepared, channels=self.channels, size=self.work_hw,
                             threshold=threshold, batch_size=batch_size or self.batch_size, maps=maps)
 
     def predict_images(self, images: Sequence[ImageInput]) -> list[tuple[float, np.ndarray]]:
@@ -110,7 +117,7 @@ class Backend:
 
     def _check_batch(self, batch_u8: np.ndarray) -> np.ndarray:
         arr = np.asarray(batch_u8)
-        want = (self.image_size, self.image_size, self.channels)
+        want = (*self.work_hw, self.channels)
         if arr.dtype != np.uint8 or arr.ndim != 4 or tuple(arr.shape[1:]) != want:
             raise ImageError(f"a prepared batch must be uint8 (B, {want[0]}, {want[1]}, {want[2]}); got "
                              f"{arr.dtype} {tuple(arr.shape)}.", fix="pass images through Backend.prepare first")
@@ -118,7 +125,8 @@ class Backend:
 
     def describe(self) -> dict[str, Any]:
         """``meta`` plus the backend name, channels and working size (what ``GET /v1/model`` shows)."""
-        return {"backend": self.name, "channels": self.channels, "image_size": self.image_size, **self.meta}
+        return {"backend": self.name, "channels": self.channels, "image_size": self.image_size,
+                "work_shape": list(self.work_hw), **self.meta}
 
 
 class TorchBackend(Backend):
@@ -153,6 +161,7 @@ class TorchBackend(Backend):
         self.method = det.method_name
         self.channels = int(det.channels or 3)
         self.image_size = int(det.config.image_size)
+        self._work_hw = det.config.work_hw
         self.calibration = det.calibration
         self.batch_size = batch_size
         if compile:
@@ -214,6 +223,8 @@ class OnnxBackend(Backend):
             self.method = str(meta["method"])
             self.channels = int(meta["channels"])
             self.image_size = int(meta["image_size"])
+            h, w = meta.get("work_shape") or (self.image_size, self.image_size)  # files before aspect=fit: square
+            self._work_hw = (int(h), int(w))
             self.calibration = Calibration.from_dict(meta["calibration"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"anomap metadata of the ONNX model is incomplete ({e}).", path=self.path,
@@ -227,8 +238,7 @@ class OnnxBackend(Backend):
     def predict_prepared(self, batch_u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         arr = self._check_batch(batch_u8)
         if len(arr) == 0:
-            s = self.image_size
-            return np.zeros(0, np.float32), np.zeros((0, s, s), np.float32)
+            return np.zeros(0, np.float32), np.zeros((0, *self.work_hw), np.float32)
         scores, maps = self.session.run(list(ONNX_OUTPUTS), {ONNX_INPUT: arr})
         return np.asarray(scores, np.float32), np.asarray(maps, np.float32)
 

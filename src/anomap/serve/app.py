@@ -216,6 +216,7 @@ def create_app(model: str | Path | Backend, backend: str | None = None, *, devic
         info = {k: v for k, v in (be.meta.get("info") or {}).items() if k not in PRIVATE_INFO_KEYS}
         return _finite({
             "method": be.method, "backend": be.name, "channels": be.channels, "image_size": be.image_size,
+            "work_shape": list(be.work_hw),
             "config": be.meta.get("config", {}), "calibration": be.calibration.to_dict(), "info": info,
             "version": be.meta.get("anomap_version"), "server_version": __version__,
             "limits": limits.to_dict(), "api_key_required": bool(key), "feedback": store is not None,

@@ -43,13 +43,13 @@ def _work_dir() -> Path:
 
 
 def _generated_images(det: Detector, folder: Path) -> list[Path]:
-    """A few smooth random images at the working size, for a parity check without real images."""
+    """A few smooth random images at the working shape, for a parity check without real images."""
     rng = np.random.default_rng(0)
-    size = int(det.config.image_size)
+    h, w = det.config.work_hw
     out = []
     for k in range(PARITY_IMAGES):
-        base = rng.integers(40, 215, (size // 8 + 1, size // 8 + 1, 3)).astype(np.uint8)
-        img = Image.fromarray(base).resize((size, size), Image.Resampling.BICUBIC)
+        base = rng.integers(40, 215, (h // 8 + 1, w // 8 + 1, 3)).astype(np.uint8)
+        img = Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC)
         path = folder / f"parity-{k}.png"
         img.save(path)
         out.append(path)

@@ -110,7 +110,7 @@ class Predictor:
         out = []
         for label, data in uploads:
             img = decode_upload(data, label, self.limits.max_pixels)
-            small, (h, w) = inference.prepare_image(img, be.channels, be.image_size)
+            small, (h, w) = inference.prepare_image(img, be.channels, be.work_hw)
             preview = downscale(img, self.limits.heatmap_side) if heatmap else None
             out.append(Prepared(label, small, w, h, preview, data if self.recent is not None else b""))
         return out

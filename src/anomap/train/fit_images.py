@@ -35,16 +35,17 @@ def _stream_min_bytes() -> int:
         raise ConfigError(f"{STREAM_ENV}={raw!r} is not a number of bytes.", fix="use an integer, e.g. 0") from None
 
 
-def load_fit_images(fit: list[Path], heldout: list[Path], size: int, channels: int, out: str | Path | None,
+def load_fit_images(fit: list[Path], heldout: list[Path], size: tuple[int, int], channels: int,
+                    out: str | Path | None,
                     progress: bool, ctx: DistContext = SINGLE,
                     device: torch.device | None = None) -> tuple[Any, Any, Path | None]:
     """Fit and held-out images: in RAM when small, else rows of one disk cache (streamed).
 
-    Returns (fit images, held-out images, cache folder or None). The cache goes to ``<out>.cache``,
-    where the node's first process builds it while the others wait; without ``out`` each process
-    builds its own in a temporary folder.
+    ``size`` is the working (height, width). Returns (fit images, held-out images, cache folder or None).
+    The cache goes to ``<out>.cache``, where the node's first process builds it while the others wait;
+    without ``out`` each process builds its own in a temporary folder.
     """
-    decoded = (len(fit) + len(heldout)) * size * size * channels
+    decoded = (len(fit) + len(heldout)) * size[0] * size[1] * channels
     if decoded * ctx.local_world_size < _stream_min_bytes():
         return (load_stack(fit, size, channels, progress=progress, desc="loading fit images"),
                 load_stack(heldout, size, channels, progress=False), None)
@@ -56,7 +57,7 @@ def load_fit_images(fit: list[Path], heldout: list[Path], size: int, channels: i
     try:
         if ctx.is_local_main or not shared:
             try:
-                store = build_store(paths, (size, size), channels, cache, progress=progress,
+                store = build_store(paths, size, channels, cache, progress=progress,
                                     desc="caching fit images")
             except Exception as e:  # noqa: BLE001 - re-raised below, once every process knows
                 error = e
@@ -65,7 +66,7 @@ def load_fit_images(fit: list[Path], heldout: list[Path], size: int, channels: i
             raise error or DataError("building the image cache failed in another process.", path=cache,
                                      fix="see the error of the first process of this machine")
         if store is None:
-            store = build_store(paths, (size, size), channels, cache)  # finished by another process: opens it
+            store = build_store(paths, size, channels, cache)  # finished by another process: opens it
     except BaseException:
         if not shared:
             shutil.rmtree(cache, ignore_errors=True)

@@ -147,6 +147,8 @@ class GTransConfig(MethodConfig):
                                                                           "topk_fraction", "map_scales",
                                                                           "memory_weight", "memory_norm",
                                                                           "memory_image_norm")
+    SIZE_MULTIPLE: ClassVar[int] = 32  # the teacher's coarsest stride
+
     PRESETS: ClassVar[dict[str, dict]] = {
         "paper": {
             "image_size": 256,
@@ -199,6 +201,11 @@ class GTransConfig(MethodConfig):
         if self.w_tok < 0 or self.w_feat < 0 or self.w_tok + self.w_feat <= 0:
             raise ConfigError(f"w_tok={self.w_tok}, w_feat={self.w_feat}: need non-negative weights, one > 0.")
         self._validate_memory()
+
+    def aspect_problem(self) -> str | None:
+        if self.memory == "only":
+            return None  # the teacher and the memory are convolutional: any shape
+        return "gtrans's student reads square images only (memory=only reads any shape)"
 
     @property
     def memory_scales_used(self) -> list[int]:

@@ -56,7 +56,7 @@ class GTransMemory(PatchMemory):
         index: positions in gtrans's feature list (its ``scales``) of the memory's scales, finest first.
         channels: their channel counts.
         pool: ``memory_pool``.
-        grid: the side of the finest memory scale's map at the working size (``mean_loc``'s side).
+        grid: (height, width) of the finest memory scale's map at the working shape (``mean_loc``'s shape).
         pool_pad: ``memory_pool_pad``: "zeros" counts the zero padding in the border cells' averages
             (PatchCore's ``AvgPool2d``; the border cells' raw features shrink toward zero), "none" averages
             only the cells inside the map.
@@ -70,7 +70,7 @@ class GTransMemory(PatchMemory):
     whiten: Tensor
     balance: Tensor | None
 
-    def __init__(self, index: list[int], channels: list[int], pool: int, grid: int, pool_pad: str = "none",
+    def __init__(self, index: list[int], channels: list[int], pool: int, grid: tuple[int, int], pool_pad: str = "none",
                  metric: str = "diagonal", balance: str = "channels", fine: bool = False):
         super().__init__(sum(channels))
         # memory_fine_weight > 0: the finest scale's block of the rows in a bank of its own (no fine of its own)
@@ -81,8 +81,8 @@ class GTransMemory(PatchMemory):
         weights = [torch.full((c,), math.sqrt(sum(channels) / (len(channels) * c))) for c in channels]
         self.register_buffer("balance", torch.cat(weights) if balance == "scales" else None, persistent=False)
         self.register_buffer("mean_dist", torch.ones(()))
-        # memory_norm=location: each cell's held-out mean distance over mean_dist (grid x grid, shrunk toward 1)
-        self.register_buffer("mean_loc", torch.ones(grid, grid))
+        # memory_norm=location: each cell's held-out mean distance over mean_dist (grid, shrunk toward 1)
+        self.register_buffer("mean_loc", torch.ones(grid))
         # the coreset's covering radius: squared projected distance of the farthest fit row from the bank
         self.register_buffer("radius", torch.zeros(()))
         # memory_metric=mahalanobis: standardised rows times this (D, D), (cov + WHITEN_RIDGE I)^-1/2 of the fit rows

@@ -104,7 +104,8 @@ class GTrans(Method):
         self.memory: GTransMemory | None = None
         if config.memory != "off":
             index = [self.scales.index(s) for s in config.memory_scales_used]
-            grid = config.image_size // strides[index[0]]
+            (h, w), stride = config.work_hw, strides[index[0]]
+            grid = (h // stride, w // stride)
             self.memory = GTransMemory(index, [out_ch[k] for k in index], config.memory_pool, grid,
                                        config.memory_pool_pad, config.memory_metric, config.memory_balance,
                                        config.memory_fine_weight > 0)
