@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import anomap
+from anomap.data.aspect import shape_label
 
 
 def machine_reference() -> tuple[float, float]:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     eager = anomap.load(args.model, device="cpu")
     (h, w), c = eager.config.work_hw, eager.channels
-    work = h if h == w else f"{h}x{w}"  # aspect=fit: the working shape, height x width
+    work = shape_label(h, w)  # aspect=fit: the working shape, height x width
     s = args.input_size or max(h, w)
     imgs = np.random.default_rng(0).integers(0, 256, (16, s, s, c), dtype=np.uint8)
     variants: dict[str, dict[int, anomap.Detector]] = {eager.method_name: {1: eager, 16: eager}}

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import anomap
+from anomap.data.aspect import shape_label
 from anomap.export.onnx import collect_parity_images, export_onnx
 from anomap.runtime.backend import OnnxBackend, normalise_map
 
@@ -74,8 +75,7 @@ def bench_one(model: Path, args: argparse.Namespace, onnx_dir: Path) -> str:
     def p90(t: list[float]) -> float:
         return float(np.quantile(t, 0.9)) * 1e3
 
-    h, w = det.config.work_hw
-    size = h if h == w else f"{h}x{w}"
+    size = shape_label(*det.config.work_hw)
     return (f"| {model.parent.name}/{model.name} | {det.method_name} | {size} | {len(files)} | "
             f"{med_t:.1f} (p90 {p90(t_torch):.1f}) | {med_o:.1f} (p90 {p90(t_onnx):.1f}) | "
             f"{med_t / med_o:.2f}x | {map_diff:.1e} | {score_diff:.1e} | {rep['bytes'] / 1e6:.1f} |")

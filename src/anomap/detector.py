@@ -98,9 +98,9 @@ class Detector:
         paths = train_images(path)
         split = split_train(paths, cfg.val_fraction, cfg.min_heldout, cfg.seed)
         min_side = max(16, cfg.image_size // 4)  # upscaling more than 4x invents the detail the model learns
-        check_min_size(paths, min_side, fix=f"remove the image, or lower image_size (now {cfg.image_size}): "
-                       "images need at least image_size/4 and 16 px per side")
-        self.channels, shape_note = detect_channels(paths), choose_work_shape(cfg, split.fit)
+        sizes = check_min_size(paths, min_side, fix=f"remove the image, or lower image_size (now {cfg.image_size}): "
+                               "images need at least image_size/4 and 16 px per side")
+        self.channels, shape_note = detect_channels(paths), choose_work_shape(cfg, (sizes[p] for p in split.fit))
         fit_imgs, held_imgs, cache = load_fit_images(split.fit, split.heldout, cfg.work_hw, self.channels,
                                                      out, progress, ctx, device)
         done = False

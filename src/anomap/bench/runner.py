@@ -29,6 +29,7 @@ import numpy as np
 
 from anomap.bench.compare import compare_folders, compare_markdown
 from anomap.bench.suite import SUMMARIES, load_run, load_runs, suite_block, suite_for_runs
+from anomap.data.aspect import shape_label
 from anomap.metrics.bootstrap import RESAMPLES
 
 HEADER = ("| dataset | method | image AUROC | pixel AUROC | AUPRO@0.3 | image F1max | test FPR / recall @thr "
@@ -124,8 +125,7 @@ def _summary_meta(data: str, method: str, metrics: dict[str, Any], info: dict[st
 def row(rec: dict, label: str = "") -> str:
     m = rec["metrics"]
     info = rec["info"]
-    h, w = info.get("work_shape") or (rec["image_size"], rec["image_size"])
-    size = rec["image_size"] if h == w == rec["image_size"] else f"{h}x{w}"  # aspect=fit: height x width
+    size = shape_label(*(info.get("work_shape") or (rec["image_size"], rec["image_size"])))  # aspect=fit: HxW
     steps = sum(info.get("steps", {}).values()) if isinstance(info.get("steps"), dict) else info.get("steps")
     sets = " ".join(rec.get("sets", []))
     notes = "; ".join(x for x in dict.fromkeys((sets, label)) if x)  # a label that repeats the --set: once

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from anomap.data.images import image_size
-
 ASPECT_TOLERANCE = 1.1  # an image whose aspect ratio is within this factor of the median shares it ...
 ASPECT_SHARE = 0.9  # ... and at least this share of the fit images must share it
+
+
+def shape_label(h: int, w: int) -> str:
+    """A working shape as tables show it: "320" for a square, "192x512" (height x width) otherwise."""
+    return str(h) if h == w else f"{h}x{w}"
 
 
 def fit_shape(sizes: Iterable[tuple[int, int]], side: int, multiple: int) -> tuple[tuple[int, int], str]:
@@ -48,12 +50,12 @@ def fit_shape(sizes: Iterable[tuple[int, int]], side: int, multiple: int) -> tup
     return hw, f"aspect ratio {median:.2f} ({share:.0%} of the fit images within {ASPECT_TOLERANCE:g}x)"
 
 
-def choose_work_shape(cfg: Any, fit: Iterable[str | Path]) -> str:
-    """With ``cfg.aspect == "fit"``, set ``cfg.work_shape`` (a method config) from the fit images' aspect
-    ratio, read from their headers ([] when that is the square), and say why: "HxW: reason". "" for
+def choose_work_shape(cfg: Any, fit_sizes: Iterable[tuple[int, int]]) -> str:
+    """With ``cfg.aspect == "fit"``, set ``cfg.work_shape`` (a method config) from the fit images' (width,
+    height) ``fit_sizes`` ([] when that is the square), and say why: "HxW: reason". "" for
     ``aspect=square``."""
     if cfg.aspect != "fit":
         return ""
-    hw, why = fit_shape((image_size(p) for p in fit), cfg.image_size, cfg.SIZE_MULTIPLE)
+    hw, why = fit_shape(fit_sizes, cfg.image_size, cfg.SIZE_MULTIPLE)
     cfg.work_shape = [] if hw == (cfg.image_size, cfg.image_size) else list(hw)
     return f"{hw[0]}x{hw[1]}: {why}"

@@ -239,16 +239,20 @@ def detect_channels(paths: Iterable[str | Path]) -> int:
     return 1 if seen else 3
 
 
-def check_min_size(paths: Iterable[str | Path], min_side: int, fix: str | None = None) -> None:
-    """Raise a DataError naming the first image whose width or height is below ``min_side`` pixels.
+def check_min_size(paths: Iterable[str | Path], min_side: int, fix: str | None = None
+                   ) -> dict[str | Path, tuple[int, int]]:
+    """Raise a DataError naming the first image whose width or height is below ``min_side`` pixels; else
+    return every image's (width, height), keyed by its path as given.
 
     Only headers are read. ``fix`` replaces the default advice (the caller knows why ``min_side`` is what it is).
     """
+    sizes: dict[str | Path, tuple[int, int]] = {}
     for p in paths:
-        w, h = image_size(p)
+        w, h = sizes[p] = image_size(p)
         if min(w, h) < min_side:
             raise DataError(
                 f"image is {w}x{h} pixels, smaller than the {min_side} px anomap needs on each side.",
                 path=p,
                 fix=fix or f"use images of at least {min_side} px per side or remove this one",
             )
+    return sizes

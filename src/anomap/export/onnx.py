@@ -6,7 +6,7 @@ The graph (see docs/deploy.md):
   shape (h, w) (metadata ``work_shape``: image_size square, or the fit images' aspect with ``aspect=fit``;
   C = 1 for grey models, 3 for colour); B is dynamic. Float input is *not* accepted: convert
   with ``np.round(x * 255).astype(np.uint8)`` (that is what the PyTorch path does too).
-- outputs ``scores`` (B,) and ``maps`` (B, S, S), float32: the method's *raw* values, exactly what
+- outputs ``scores`` (B,) and ``maps`` (B, h, w), float32: the method's *raw* values, exactly what
   ``Detector.predict_raw`` returns. Preprocessing (to float, /255, grey->RGB for ViTs, the method's own
   normalisation) is inside the graph; resizing is not (it depends on each image's size).
 - calibration (threshold, target_fpr, map_low, map_scale), method, config and versions are stored in
