@@ -17,7 +17,7 @@ from anomap.errors import ConfigError
 
 PRESET_NAMES = ("cpu", "paper")
 # Config keys added after model files were written, with the values that reproduce what those files do
-LEGACY_KEYS: dict[str, Any] = {"aspect": "square", "work_shape": []}
+LEGACY_KEYS: dict[str, Any] = {"aspect": "square", "work_shape": [], "calibration_groups": 0}
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -81,6 +81,10 @@ class MethodConfig:
             images share one aspect ratio, ``fit`` sets ``work_shape`` to it at image_size**2 pixels
             (:func:`anomap.data.aspect.fit_shape`); only for methods whose model reads any shape.
         work_shape: [height, width] the model sees, set by ``fit`` (aspect=fit); [] = image_size square.
+        calibration_groups: > 0: the threshold also reads the fit images, each scored by a model fitted
+            without its group (the fit images in this many k-means groups of their look): normal images
+            unlike the rest, as a line sees from a new position or product, then count in the promise
+            (docs/protocol.md). 0: the held-out normals alone. Only for models fitted without training.
     """
 
     preset: str = "cpu"
@@ -98,12 +102,14 @@ class MethodConfig:
     num_threads: int = 0
     aspect: str = "square"
     work_shape: list[int] = dataclasses.field(default_factory=list)
+    calibration_groups: int = 0
 
     # Values a preset changes; subclasses fill these. {"paper": {"image_size": 256, ...}}
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
     # Keys that change only how a trained model scores (not its weights): `anomap evaluate --set` may
     # change them on a saved model, which is then recalibrated on its held-out normal images.
-    SCORING_KEYS: ClassVar[tuple[str, ...]] = ("target_fpr", "eval_size", "device", "num_threads")
+    SCORING_KEYS: ClassVar[tuple[str, ...]] = ("target_fpr", "eval_size", "device", "num_threads",
+                                               "calibration_groups")
     # work_shape's sides are multiples of this (the model's coarsest stride)
     SIZE_MULTIPLE: ClassVar[int] = 16
 
@@ -115,6 +121,10 @@ class MethodConfig:
     def aspect_problem(self) -> str | None:
         """Why this model cannot read non-square images (None: it can); subclasses that can say so."""
         return "its model reads square images only"
+
+    def calibration_groups_problem(self) -> str | None:
+        """Why this model cannot be refitted without each group of fit images (None: it can)."""
+        return "its model is trained, and refitting it once per group would multiply the training time"
 
     def validate(self) -> None:
         """Raise ConfigError for values that cannot work, naming the valid choices or range."""
@@ -137,6 +147,14 @@ class MethodConfig:
         _in_range("checkpoint_every", self.checkpoint_every, 0, None, example="200 (0 = only at the end)")
         _in_range("num_threads", self.num_threads, 0, None, example="0 (all cores) or 2")
         self._validate_aspect()
+        _in_range("calibration_groups", self.calibration_groups, 0, 64, example="8 (0 = the held-out normals alone)")
+        if self.calibration_groups == 1:
+            raise ConfigError("calibration_groups=1 leaves no other group to fit without it.",
+                              fix="use calibration_groups=0 (off) or at least 2, e.g. 8")
+        problem = self.calibration_groups_problem() if self.calibration_groups else None
+        if problem:
+            raise ConfigError(f"calibration_groups={self.calibration_groups} is not available: {problem}.",
+                              fix="use calibration_groups=0")
 
     def _validate_aspect(self) -> None:
         check_choice("aspect", self.aspect, ("square", "fit"))

@@ -96,9 +96,10 @@ def _order_k_of(threshold: float | None, n: int, scores: list[float], target_fpr
 
 @dataclass
 class Calibration:
-    """Operating point and statistics derived from held-out normal images only.
+    """Operating point and statistics derived from normal images only.
 
-    ``threshold`` is the ``order_k``-th smallest of the ``n_heldout`` held-out scores; ``promised_fpr``
+    ``threshold`` is the ``order_k``-th smallest of the ``n_heldout`` held-out scores (and the
+    ``group_scores``, when there are some: ``n_scores`` in all); ``promised_fpr``
     is its conformal promise (:func:`promised_fpr_of`) and ``fpr_upper95`` the 95 % upper bound on the
     false-alarm rate of a line that uses it (:func:`fpr_upper_bound`). The three are None without a
     threshold; dicts saved before they existed get them computed on load.
@@ -113,6 +114,14 @@ class Calibration:
     order_k: int | None = None  # the threshold is the order_k-th smallest held-out score (1-based)
     promised_fpr: float | None = None  # P(new normal > threshold) <= this, over held-out draws
     fpr_upper95: float | None = None  # with 95 % confidence, this line's false-alarm rate is at most this
+    # calibration_groups > 0: the fit images' scores from the model fitted without their group; the
+    # threshold is then the order_k-th smallest of these and the held-out scores together
+    group_scores: list[float] = field(default_factory=list)
+
+    @property
+    def n_scores(self) -> int:
+        """How many normal scores the threshold is an order statistic of (held-out and group scores)."""
+        return self.n_heldout + len(self.group_scores)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -125,6 +134,7 @@ class Calibration:
             "order_k": self.order_k,
             "promised_fpr": self.promised_fpr,
             "fpr_upper95": self.fpr_upper95,
+            "group_scores": list(self.group_scores),
         }
 
     @classmethod
@@ -136,6 +146,7 @@ class Calibration:
             map_low=d.get("map_low"),
             n_heldout=int(d.get("n_heldout", 0)),
             heldout_scores=list(d.get("heldout_scores", [])),
+            group_scores=list(d.get("group_scores", [])),
         )
         if "order_k" in d:  # written with the promise: read as stored
             cal.order_k = None if d["order_k"] is None else int(d["order_k"])

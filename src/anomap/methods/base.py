@@ -27,6 +27,10 @@ The hooks, in the order ``anomap.detector.Detector`` and :func:`anomap.train.loo
    size. Returns nothing; what changes lives in buffers. ``Detector.add_normals`` calls it, then
    recalibrates (``calibrate`` and the threshold) on the held-out normals. Default: a one-line
    ConfigError saying the method cannot (so the detector never claims an update that did not happen).
+7. ``group_scores(fit_images, groups, progress)``: optional (``calibration_groups`` > 0); the image score of every
+   fit image (float (N, C, H, W) in [0, 1], a :class:`anomap.types.TensorLike`) from the model fitted
+   without its group, as a float64 array (N,); the model is left as it was. ``Detector.calibrate`` adds
+   them to the held-out scores the threshold is read from. Default: a one-line ConfigError.
 
 Schedules come from :mod:`anomap.train.schedule`; :meth:`Method.schedule_steps` and
 :meth:`Method.budget_steps` apply it with the method's own ``max_steps`` and ``max_train_seconds``.
@@ -102,6 +106,11 @@ class Method(nn.Module):
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Raw image scores (B,) and anomaly maps (B, h, w) for float images (B, C, H, W) in [0, 1]."""
         raise NotImplementedError
+
+    def group_scores(self, fit_images: TensorLike, groups: int, progress: bool = False) -> np.ndarray:
+        """Optional: every fit image's score from the model fitted without its group (module docstring, 7)."""
+        raise ConfigError(f"{self.name} cannot be refitted without a group of its fit images.",
+                          fix="use calibration_groups=0")
 
     def add_normals(self, images: Tensor) -> None:
         """Optional: learn that ``images`` (float (B, C, H, W) in [0, 1], working size) are normal, without

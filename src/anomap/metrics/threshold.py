@@ -107,13 +107,15 @@ def heldout_needed(target_fpr: float, factor: float = 2.0, level: float = 0.95) 
     return n_promise, hi
 
 
-def calibrated_threshold(normal_scores: Any, target_fpr: float, warn: bool = True) -> ThresholdPromise:
+def calibrated_threshold(normal_scores: Any, target_fpr: float, warn: bool = True,
+                         what: str = "held-out normal images") -> ThresholdPromise:
     """The conformal threshold of held-out normal scores for ``target_fpr``, and what it promises.
 
     Args:
         normal_scores: image scores of held-out normal images (any shape, flattened).
         target_fpr: allowed false-alarm rate, in [0, 1].
         warn: issue a :class:`CalibrationWarning` when there are too few scores for the target.
+        what: what the scores are, for the warning.
 
     Raises:
         ValueError: no scores, a score that is not finite, or ``target_fpr`` outside [0, 1].
@@ -133,18 +135,20 @@ def calibrated_threshold(normal_scores: Any, target_fpr: float, warn: bool = Tru
     promise = ThresholdPromise(threshold=float(np.partition(scores, k - 1)[k - 1]), order_k=k, n=n,
                                target_fpr=alpha, promised_fpr=promised_fpr_of(n, k), fpr_upper95=fpr_upper_bound(n, k))
     if warn and not promise.meets_target and 0.0 < alpha < 1.0:
-        warnings.warn(_too_few_message(promise), CalibrationWarning, stacklevel=2)
+        warnings.warn(_too_few_message(promise, what), CalibrationWarning, stacklevel=2)
     return promise
 
 
-def _too_few_message(p: ThresholdPromise) -> str:
+def _too_few_message(p: ThresholdPromise, what: str = "held-out normal images") -> str:
     """The one-line warning for a threshold that cannot promise its target."""
     n_promise, n_bound = heldout_needed(p.target_fpr)
-    return (f"only {p.n} held-out normal images for target_fpr={p.target_fpr:g}: the threshold is their "
+    held_only = what == "held-out normal images"  # else every training image gives a score (group scores)
+    return (f"only {p.n} {what} for target_fpr={p.target_fpr:g}: the threshold is their "
             f"maximum and promises a false-alarm rate of at most {p.promised_fpr:.3g} (1/{p.n + 1}), not "
-            f"{p.target_fpr:g}; the 95% bound on this line's rate is {p.fpr_upper95:.3g}. Hold out at least "
-            f"{n_promise} normal images for the promise and {n_bound} for a 95% bound of at most "
-            f"{2 * p.target_fpr:g} (more normal images, or --set min_heldout={n_promise}).")
+            f"{p.target_fpr:g}; the 95% bound on this line's rate is {p.fpr_upper95:.3g}. "
+            f"{'Hold out' if held_only else 'Train on'} at least {n_promise} normal images for the promise and "
+            f"{n_bound} for a 95% bound of at most {2 * p.target_fpr:g} (more normal images"
+            f"{f', or --set min_heldout={n_promise}' if held_only else ''}).")
 
 
 def threshold_at_fpr(normal_scores: Any, target_fpr: float) -> float:

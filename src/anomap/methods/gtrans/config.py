@@ -207,6 +207,11 @@ class GTransConfig(MethodConfig):
             return None  # the teacher and the memory are convolutional: any shape
         return "gtrans's student reads square images only (memory=only reads any shape)"
 
+    def calibration_groups_problem(self) -> str | None:
+        if self.memory == "only":
+            return None  # the memory is rebuilt in seconds without a group; nothing is trained
+        return "gtrans's student is trained (memory=only is refitted without each group in seconds)"
+
     @property
     def memory_scales_used(self) -> list[int]:
         """``memory_scales``, or for [] the trained scales among 0 and 1 (else the finest trained scale); sorted."""

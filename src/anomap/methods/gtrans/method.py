@@ -49,6 +49,7 @@ from torch import Tensor
 from anomap.data.tensors import to_tensor
 from anomap.errors import ConfigError
 from anomap.methods.base import Method
+from anomap.methods.gtrans import cross_fit
 from anomap.methods.gtrans.config import GTransConfig
 from anomap.methods.gtrans.memory import GTransMemory
 from anomap.nn.efficientnet import Teacher
@@ -193,6 +194,12 @@ class GTrans(Method):
                 for i in range(0, len(images), STAT_BATCH)]
         cfg = self.config
         self.memory.add_rows(torch.cat(rows), *self._feat_stats(), cfg.memory_max, cfg.memory_fine_max, cfg.seed)
+
+    def group_scores(self, fit_images: TensorLike, groups: int, progress: bool = False) -> np.ndarray:
+        """``memory=only``: :func:`anomap.methods.gtrans.cross_fit.group_scores` (the base's refusal otherwise)."""
+        if self.memory is None or self.config.memory != "only":
+            return super().group_scores(fit_images, groups, progress)
+        return cross_fit.group_scores(self, fit_images, groups, STAT_BATCH, progress)
 
     def make_batch(self, images: np.ndarray, rng: np.random.Generator, pool: np.ndarray) -> dict[str, Tensor]:
         batch = {"image": to_tensor(images, "cpu")}
