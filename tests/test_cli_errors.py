@@ -120,7 +120,7 @@ def test_fit_failing_after_training_leaves_no_model_or_temp_files(tmp_path, caps
     out_dir = tmp_path / "out"
     out = out_dir / "m.safetensors"
 
-    def boom(self, heldout):
+    def boom(self, heldout, *args, **kwargs):
         raise anomap.errors.AnomapError("calibration failed (injected).", fix="none needed")
 
     monkeypatch.setattr(anomap.detector.Detector, "calibrate", boom)
@@ -136,7 +136,7 @@ def test_fit_resume_from_partial_of_other_config(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out" / "m.safetensors"
     partial = Path(str(out) + ".partial")
 
-    def interrupt(self, heldout):
+    def interrupt(self, heldout, *args, **kwargs):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:

@@ -76,8 +76,9 @@ def test_healthz_and_model(backend):
     cal = backend.calibration
     assert h["status"] == "ok" and h["calibration"] == {  # what the verdicts promise, with no key needed
         "target_fpr": 0.05, "promised_fpr": pytest.approx(cal.promised_fpr),
-        "fpr_upper95": pytest.approx(cal.fpr_upper95), "n_heldout": cal.n_heldout}
-    assert 0.05 < cal.promised_fpr == 1 / (cal.n_heldout + 1) < cal.fpr_upper95 < 1  # too few held out
+        "fpr_upper95": pytest.approx(cal.fpr_upper95), "n_heldout": cal.n_heldout,
+        "n_group_scores": len(cal.group_scores)}
+    assert 0.05 < cal.promised_fpr == 1 / (cal.n_scores + 1) < cal.fpr_upper95 < 1  # too few normal scores
     m = c.get("/v1/model").json()
     assert m["calibration"]["promised_fpr"] == pytest.approx(cal.promised_fpr)
     assert m["calibration"]["order_k"] == cal.n_heldout

@@ -125,7 +125,7 @@ class Detector:
                              "train_seconds": round(result.seconds, 2), "device": str(self.device)}
                 done = True
                 return self
-            self.calibrate(held_imgs)
+            self.calibrate(held_imgs, fit_imgs, progress)
             done = True
         finally:  # after an error, the cache under <out> is kept for --resume
             if cache is not None and (out is None or (done and ctx.is_local_main)):
@@ -155,15 +155,15 @@ class Detector:
                 ckpt.unlink()
         return self
 
-    def calibrate(self, heldout: np.ndarray | ImageStore) -> Calibration:
-        """Threshold and map statistics from held-out normal images, uint8 (N, S, S, C), in bounded memory.
-
-        The method's ``calibrate`` gets the images as :class:`TensorBatches` (``len`` and slices that
-        give float tensors). The map quantiles use every pixel while N x S x S <= ``MAP_SAMPLE_CAP``,
-        else every k-th row and column of each map (a regular grid of about that many values).
+    def calibrate(self, heldout: np.ndarray | ImageStore, fit: np.ndarray | ImageStore | None = None,
+                  progress: bool = False) -> Calibration:
+        """Threshold and map statistics from held-out normal images, uint8 (N, S, S, C), in bounded memory;
+        with ``calibration_groups`` > 0 the threshold also reads the ``fit`` images' ``Method.group_scores``
+        (without ``fit``: the last calibration's). The method's ``calibrate`` gets :class:`TensorBatches`.
+        The map quantiles use every pixel while N x S x S <= ``MAP_SAMPLE_CAP``, else every k-th row and
+        column of each map (a regular grid of about that many values).
         """
-        model = self.require_model()
-        model.eval()
+        model, groups = self.require_model().eval(), self.config.calibration_groups
         model.calibrate(TensorBatches(heldout, self.device))
         h, w = self.config.work_hw
         k = max(1, math.ceil(math.sqrt(len(heldout) * h * w / MAP_SAMPLE_CAP)))
@@ -172,14 +172,16 @@ class Detector:
             score_parts.append(batch_scores)
             value_parts.append(np.ascontiguousarray(batch_maps[:, ::k, ::k]).ravel())
         scores, values = np.concatenate(score_parts), np.concatenate(value_parts)
-        if not len(values):
-            values = np.zeros(1, np.float32)
-        promise = calibrated_threshold(scores, self.config.target_fpr)  # warns when too few for the target
+        values = values if len(values) else np.zeros(1, np.float32)
+        group = ([] if not groups else self.calibration.group_scores if fit is None else
+                 [float(s) for s in model.group_scores(TensorBatches(fit, self.device), groups, progress)])
+        promise = calibrated_threshold(np.concatenate([scores, group]), self.config.target_fpr, what=(
+            f"normal scores ({len(scores)} held out, {len(group)} by group)" if group else "held-out normal images"))
         self.calibration = Calibration(
             threshold=promise.threshold, order_k=promise.order_k, promised_fpr=promise.promised_fpr,
             fpr_upper95=promise.fpr_upper95, target_fpr=self.config.target_fpr,
-            map_scale=float(np.quantile(values, 0.999)),
-            map_low=float(np.quantile(values, 0.5)), n_heldout=len(scores), heldout_scores=[float(s) for s in scores])
+            map_scale=float(np.quantile(values, 0.999)), map_low=float(np.quantile(values, 0.5)),
+            n_heldout=len(scores), heldout_scores=[float(s) for s in scores], group_scores=list(group))
         return self.calibration
 
     def rescore(self, overrides: dict[str, Any], data: str | Path, progress: bool = False) -> Detector:
@@ -205,7 +207,9 @@ class Detector:
         compiled, self._compiled = self._compiled, None  # the compiled graph holds the old scoring settings
         held_imgs = load_stack(held, self.config.work_hw, int(self.channels or 3), progress=progress,
                                desc="recalibrating")
-        self.calibrate(held_imgs)
+        fit = sorted(set(train_images(data)) - set(held)) if new_config.calibration_groups else []
+        self.calibrate(held_imgs, load_stack(fit, self.config.work_hw, int(self.channels or 3), progress=progress,
+                                             desc="group scores") if fit else None, progress)
         self.info = {**self.info, "rescored": dict(overrides)}
         if compiled is not None:
             self.compile(compiled.batch_size, warmup=False)
@@ -242,11 +246,7 @@ class Detector:
             ConfigError: ``data`` is not the folder the detector was trained on, or the detector does not
                 know its held-out images (not trained by ``fit``).
         """
-        names, digests = self.info.get("heldout_files"), self.info.get("heldout_sha256")
-        if not names or digests is None:
-            raise ConfigError("this model does not record its held-out images (file names and fingerprints).",
-                              fix="retrain it with `anomap fit` (this anomap version stores them)")
-        return find_heldout(data, list(names), list(digests))
+        return find_heldout(data, self.info.get("heldout_files"), self.info.get("heldout_sha256"))
 
     def compile(self, batch_size: int = PREDICT_BATCH, warmup: bool = True) -> Detector:
         """Score with the method's ``predict`` compiled by ``torch.compile`` (see :mod:`anomap.compiled`).

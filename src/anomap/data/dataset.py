@@ -206,15 +206,18 @@ def file_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def find_heldout(data: str | Path, names: Sequence[str], digests: Sequence[str]) -> list[Path]:
+def find_heldout(data: str | Path, names: Sequence[str] | None, digests: Sequence[str] | None) -> list[Path]:
     """A model's held-out normal images in ``data``'s ``train/good``, sorted: found by name, then compared
     by content with the model's fingerprints (``digests``, :func:`file_fingerprint`, in the order of
     ``names``), because MVTec-style folders of different categories use the same names.
 
     Raises:
         ConfigError: ``data`` is not the folder the model was trained on (not all of them are there, or
-            one of them has other content).
+            one of them has other content), or the model does not record its held-out images (None).
     """
+    if not names or digests is None:
+        raise ConfigError("this model does not record its held-out images (file names and fingerprints).",
+                          fix="retrain it with `anomap fit` (this anomap version stores them)")
     wanted = set(names)
     found = {p.name: p for p in train_images(data) if p.name in wanted}
     if not names or len(found) != len(wanted):

@@ -195,5 +195,5 @@ def _metrics(det: EvaluableDetector, samples: list[Sample], scores: np.ndarray, 
     info = {"method": det.method_name, "image_size": det.config.image_size,
             "work_shape": list(det.config.work_hw), "threshold": thr,
             "target_fpr": cal.target_fpr, "n_heldout": cal.n_heldout, "promised_fpr": cal.promised_fpr,
-            "fpr_upper95": cal.fpr_upper95}
+            "fpr_upper95": cal.fpr_upper95, "n_group_scores": len(cal.group_scores)}
     return EvalResult(metrics=metrics, rows=rows, curves=curves, per_defect=per_defect, info=info)

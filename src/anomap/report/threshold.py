@@ -30,12 +30,17 @@ def threshold_html(info: dict[str, Any], metrics: dict[str, Any], rows: list[dic
     thr, target, n = _num(info.get("threshold")), _num(info.get("target_fpr")), info.get("n_heldout")
     if thr is None:
         return head + '<p class="na">Uncalibrated: no image is flagged.</p>'
+    groups = int(_num(info.get("n_group_scores")) or 0)
+    also = (f" and {groups} fit images, each scored by the model fitted without its group of look-alikes"
+            if groups else "")
     parts = [f"Threshold <b>{thr:.4g}</b> (an image is flagged when its score is above it), set on "
-             f"{html.escape(str(n))} held-out normal images for a target false-alarm rate of "
+             f"{html.escape(str(n))} held-out normal images{also} for a target false-alarm rate of "
              f"{_pct(target) if target is not None else 'n/a'}."]
+    like = "the held-out ones, or as unlike the fit images as one group of them is from the rest," if groups else \
+        "the held-out ones"
     promised, upper = _num(info.get("promised_fpr")), _num(info.get("fpr_upper95"))
     if promised is not None and upper is not None:
-        parts.append(f"<b>Promise:</b> a new normal image like the held-out ones is flagged with probability at "
+        parts.append(f"<b>Promise:</b> a new normal image like {like} is flagged with probability at "
                      f"most <b class=promised>{_pct(promised)}</b> (on average over which normals are held out). "
                      f"<b>With 95 % confidence</b> the false-alarm rate of this very threshold is at most "
                      f"<b class=upper95>{_pct(upper)}</b>.")

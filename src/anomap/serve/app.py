@@ -207,7 +207,8 @@ def create_app(model: str | Path | Backend, backend: str | None = None, *, devic
                                      "queued_images": batcher.queued_images},
                         "feedback": store is not None, **served.describe(),
                         "calibration": {"target_fpr": cal.target_fpr, "promised_fpr": cal.promised_fpr,
-                                        "fpr_upper95": cal.fpr_upper95, "n_heldout": cal.n_heldout}})
+                                        "fpr_upper95": cal.fpr_upper95, "n_heldout": cal.n_heldout,
+                                        "n_group_scores": len(cal.group_scores)}})
 
     @app.get("/v1/model", tags=["model"], summary="method, config, calibration and versions",
              dependencies=[Depends(require_key)])
