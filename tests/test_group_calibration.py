@@ -14,6 +14,7 @@ from anomap.data.tensors import TensorBatches
 from anomap.errors import ConfigError
 from anomap.methods.gtrans.cross_fit import kmeans_groups
 from anomap.metrics.threshold import calibrated_threshold
+from anomap.report.threshold import threshold_html
 from anomap.train.checkpoint import load_checkpoint, save_checkpoint
 from anomap.types import Calibration
 from conftest import make_category
@@ -147,3 +148,12 @@ def test_the_too_few_warning_counts_group_scores_and_asks_for_training_images():
     with pytest.warns(anomap.metrics.threshold.CalibrationWarning) as w:
         calibrated_threshold(np.arange(3.0), 0.05)
     assert "Hold out at least 19 normal images" in str(w[0].message) and "min_heldout=19" in str(w[0].message)
+
+
+def test_the_report_names_the_group_scores_and_what_to_add():
+    info = {"threshold": 1.5, "target_fpr": 0.05, "n_heldout": 2, "promised_fpr": 1 / 13, "fpr_upper95": 0.22}
+    with_groups = threshold_html({**info, "n_group_scores": 10}, {}, [])
+    assert "2 held-out normal images and 10 fit images (each scored by the model fitted without its" in with_groups
+    assert "Too few normal images for the target:</span> train on at least 19" in with_groups
+    plain = threshold_html(info, {}, [])
+    assert "fit images" not in plain and "Too few held-out normals for the target:</span> hold out at least 19" in plain

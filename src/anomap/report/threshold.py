@@ -31,7 +31,7 @@ def threshold_html(info: dict[str, Any], metrics: dict[str, Any], rows: list[dic
     if thr is None:
         return head + '<p class="na">Uncalibrated: no image is flagged.</p>'
     groups = int(_num(info.get("n_group_scores")) or 0)
-    also = (f" and {groups} fit images, each scored by the model fitted without its group of look-alikes"
+    also = (f" and {groups} fit images (each scored by the model fitted without its group of look-alikes)"
             if groups else "")
     parts = [f"Threshold <b>{thr:.4g}</b> (an image is flagged when its score is above it), set on "
              f"{html.escape(str(n))} held-out normal images{also} for a target false-alarm rate of "
@@ -46,7 +46,9 @@ def threshold_html(info: dict[str, Any], metrics: dict[str, Any], rows: list[dic
                      f"<b class=upper95>{_pct(upper)}</b>.")
         if target is not None and 0 < target < 1 and promised > target * (1 + 1e-9):
             need, need2 = heldout_needed(target)
-            parts.append(f'<span class="flag">Too few held-out normals for the target:</span> hold out at least '
+            few = ("normal images for the target:</span> train on" if groups else
+                   "held-out normals for the target:</span> hold out")
+            parts.append(f'<span class="flag">Too few {few} at least '
                          f"{need} for the promise and {need2} for a 95 % bound of at most {_pct(2 * target)}.")
     good = [r for r in rows if r.get("label") == 0 and r.get("is_anomalous") is not None]
     test_fpr = _num(metrics.get("test_fpr"))
