@@ -141,7 +141,7 @@ def test_calibration_groups_rejects_what_cannot_work_in_one_line(method, extra, 
 
 def test_the_too_few_warning_counts_group_scores_and_asks_for_training_images():
     with pytest.warns(anomap.metrics.threshold.CalibrationWarning) as w:
-        calibrated_threshold(np.arange(12.0), 0.05, what="normal scores (3 held out, 9 by group)")
+        calibrated_threshold(np.arange(12.0), 0.05, n_group=9)
     msg = str(w[0].message)
     assert msg.startswith("only 12 normal scores (3 held out, 9 by group) for target_fpr=0.05")
     assert "Train on at least 19 normal images" in msg and "min_heldout" not in msg

@@ -175,8 +175,7 @@ class Detector:
         values = values if len(values) else np.zeros(1, np.float32)
         group = ([] if not groups else self.calibration.group_scores if fit is None else
                  [float(s) for s in model.group_scores(TensorBatches(fit, self.device), groups, progress)])
-        promise = calibrated_threshold(np.concatenate([scores, group]), self.config.target_fpr, what=(
-            f"normal scores ({len(scores)} held out, {len(group)} by group)" if group else "held-out normal images"))
+        promise = calibrated_threshold(np.concatenate([scores, group]), self.config.target_fpr, n_group=len(group))
         self.calibration = Calibration(
             threshold=promise.threshold, order_k=promise.order_k, promised_fpr=promise.promised_fpr,
             fpr_upper95=promise.fpr_upper95, target_fpr=self.config.target_fpr,

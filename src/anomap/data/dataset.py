@@ -220,7 +220,7 @@ def find_heldout(data: str | Path, names: Sequence[str] | None, digests: Sequenc
                           fix="retrain it with `anomap fit` (this anomap version stores them)")
     wanted = set(names)
     found = {p.name: p for p in train_images(data) if p.name in wanted}
-    if not names or len(found) != len(wanted):
+    if len(found) != len(wanted):
         raise ConfigError(f"the model's {len(names)} held-out images were not all found in this folder.",
                           path=data, fix="give the folder the model was trained on")
     changed = [n for n, d in zip(names, digests, strict=True) if file_fingerprint(found[n]) != d]

@@ -108,14 +108,14 @@ def heldout_needed(target_fpr: float, factor: float = 2.0, level: float = 0.95) 
 
 
 def calibrated_threshold(normal_scores: Any, target_fpr: float, warn: bool = True,
-                         what: str = "held-out normal images") -> ThresholdPromise:
+                         n_group: int = 0) -> ThresholdPromise:
     """The conformal threshold of held-out normal scores for ``target_fpr``, and what it promises.
 
     Args:
         normal_scores: image scores of held-out normal images (any shape, flattened).
         target_fpr: allowed false-alarm rate, in [0, 1].
         warn: issue a :class:`CalibrationWarning` when there are too few scores for the target.
-        what: what the scores are, for the warning.
+        n_group: how many of the scores are group scores (``calibration_groups``), for the warning.
 
     Raises:
         ValueError: no scores, a score that is not finite, or ``target_fpr`` outside [0, 1].
@@ -135,14 +135,16 @@ def calibrated_threshold(normal_scores: Any, target_fpr: float, warn: bool = Tru
     promise = ThresholdPromise(threshold=float(np.partition(scores, k - 1)[k - 1]), order_k=k, n=n,
                                target_fpr=alpha, promised_fpr=promised_fpr_of(n, k), fpr_upper95=fpr_upper_bound(n, k))
     if warn and not promise.meets_target and 0.0 < alpha < 1.0:
-        warnings.warn(_too_few_message(promise, what), CalibrationWarning, stacklevel=2)
+        warnings.warn(_too_few_message(promise, n_group), CalibrationWarning, stacklevel=2)
     return promise
 
 
-def _too_few_message(p: ThresholdPromise, what: str = "held-out normal images") -> str:
-    """The one-line warning for a threshold that cannot promise its target."""
+def _too_few_message(p: ThresholdPromise, n_group: int = 0) -> str:
+    """The one-line warning for a threshold that cannot promise its target (``n_group`` of its ``p.n`` scores
+    are group scores: then every training image gives one, and more of them is the fix)."""
     n_promise, n_bound = heldout_needed(p.target_fpr)
-    held_only = what == "held-out normal images"  # else every training image gives a score (group scores)
+    held_only = not n_group
+    what = "held-out normal images" if held_only else f"normal scores ({p.n - n_group} held out, {n_group} by group)"
     return (f"only {p.n} {what} for target_fpr={p.target_fpr:g}: the threshold is their "
             f"maximum and promises a false-alarm rate of at most {p.promised_fpr:.3g} (1/{p.n + 1}), not "
             f"{p.target_fpr:g}; the 95% bound on this line's rate is {p.fpr_upper95:.3g}. "
