@@ -103,7 +103,8 @@ def test_the_group_scores_survive_save_load_and_add_normals_and_rescore_recomput
     assert back.calibration.group_scores == cal.group_scores  # kept: docs/methods.md, "Adding normal images"
     off = anomap.load(tmp_path / "m.safetensors").rescore({"calibration_groups": 0}, data)
     assert off.calibration.group_scores == [] and off.calibration.n_scores == cal.n_heldout
-    assert off.calibration.threshold == calibrated_threshold(cal.heldout_scores, 0.05, warn=False).threshold
+    assert off.calibration.threshold == pytest.approx(  # re-predicted held-out scores: last bits may differ
+        calibrated_threshold(cal.heldout_scores, 0.05, warn=False).threshold, rel=1e-6)
     on = off.rescore({"calibration_groups": 4}, data)
     np.testing.assert_allclose(on.calibration.group_scores, cal.group_scores, rtol=1e-5)
 
